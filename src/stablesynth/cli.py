@@ -1,0 +1,70 @@
+"""The ``stablesynth`` command: subcommands only parse arguments and delegate.
+
+Each subsystem contributes its subcommands from a ``commands`` module with a
+``register(subparsers)`` function, so this file never grows with the features.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import sys
+
+# Nothing in this project may reach a model hub; tokenizers and weights load from local paths.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+COMMAND_MODULES = (
+    "stablesynth.data.commands",
+    "stablesynth.training.commands",
+    "stablesynth.evaluation.commands",
+    "stablesynth.serving.commands",
+    "stablesynth.bench.commands",
+)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from stablesynth import __version__
+
+    parser = argparse.ArgumentParser(
+        prog="stablesynth",
+        description=(
+            "StableSynthNet: a cloud hypernetwork turns ONE uploaded 192-float frame feature into the "
+            "weights of a device model's last layer. Start with `stablesynth demo --out runs/demo`."
+        ),
+    )
+    parser.add_argument("--version", action="version", version=f"stablesynth {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name in COMMAND_MODULES:
+        try:
+            module = importlib.import_module(name)
+        except ModuleNotFoundError as exc:
+            if exc.name != name:
+                raise
+            continue
+        module.register(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    try:
+        return int(args.func(args) or 0)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except (ValueError, FileNotFoundError, KeyError) as exc:
+        # Bad input (config, checkpoint, preset, file) is the user's to fix: one clear line, no traceback.
+        if os.environ.get("STABLESYNTH_DEBUG"):
+            raise
+        print(f"stablesynth: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,63 @@
+"""The method interface: each method a small class, registered by name.
+
+A method owns its modules and its loss; the training loop (``training/stage2.py``)
+owns the optimizer and the data, and calls :meth:`Method.update` once per batch.
+Cloud and device halves are explicit so serving uses the same code:
+``upload`` (device → cloud), ``adapt`` (cloud: upload → Θ_d), ``predict`` (device).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping
+from typing import ClassVar
+
+import torch
+from torch import nn
+
+from stablesynth.data.batch import FeatureBatch
+from stablesynth.registry import Registry
+
+METHODS: Registry[type[Method]] = Registry("method")
+
+
+class Method(nn.Module):
+    name: ClassVar[str]
+    #: False for methods that generate nothing per upload (f_linear, fine_tune).
+    adaptive: ClassVar[bool] = True
+
+    def loss(self, batch: FeatureBatch) -> tuple[torch.Tensor, dict[str, float]]:
+        """Training loss on one batch, and the scalars to log."""
+        logits = self(batch)
+        ce = nn.functional.cross_entropy(logits, batch.label, ignore_index=-100)
+        return ce, {"ce": float(ce)}
+
+    def after_step(self, batch: FeatureBatch) -> None:
+        """Hook after the optimizer step (e.g. template updates, which are not gradient-trained)."""
+
+    def update(self, batch: FeatureBatch, optimizer: torch.optim.Optimizer) -> dict[str, float]:
+        self.train()
+        optimizer.zero_grad(set_to_none=True)
+        loss, logs = self.loss(batch)
+        loss.backward()
+        optimizer.step()
+        self.after_step(batch)
+        return logs
+
+    def trainable_parameters(self) -> Iterator[nn.Parameter]:
+        return (p for p in self.parameters() if p.requires_grad)
+
+    def upload(self, batch: FeatureBatch) -> torch.Tensor:
+        """What the device sends: one frame, [B, 192] by default."""
+        return batch.uploaded
+
+    def adapt(self, upload: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Cloud step: uploads [B, ...] → Θ_d as {name: [B, *shape]}."""
+        raise NotImplementedError
+
+    def predict(self, f_g: torch.Tensor, params: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        """Device step: logits from the clip feature F_g and Θ_d."""
+        raise NotImplementedError
+
+    def forward(self, batch: FeatureBatch) -> torch.Tensor:
+        """Per-sample mode: every clip is predicted with Θ_d generated from its own upload."""
+        return self.predict(batch.f_g, self.adapt(self.upload(batch)))
