@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from stablesynth.data.batch import FeatureBatch
+from stablesynth.models.device import StaticHead
 from stablesynth.registry import Registry
 
 METHODS: Registry[type[Method]] = Registry("method")
@@ -24,12 +25,24 @@ class Method(nn.Module):
     name: ClassVar[str]
     #: False for methods that generate nothing per upload (f_linear, fine_tune).
     adaptive: ClassVar[bool] = True
+    #: False for methods whose stage 2 trains nothing (fine_tune: the stage-1 head as is).
+    trains_in_stage2: ClassVar[bool] = True
+    #: The device's static MLP (192 → 96); every method has one.
+    static: StaticHead
+
+    def init_from_head(self, static: StaticHead, weight: torch.Tensor, bias: torch.Tensor) -> None:
+        """Start from the stage-1 head: copy its static MLP (subclasses also take W, b)."""
+        self.static.load_state_dict(static.state_dict())
+
+    def driver(self, upload: torch.Tensor) -> torch.Tensor:
+        """Cloud: the parametric driver d = f_p(upload) [B, d]; only adaptive methods have one."""
+        raise NotImplementedError(f"method {self.name!r} has no parametric driver")
 
     def loss(self, batch: FeatureBatch) -> tuple[torch.Tensor, dict[str, float]]:
         """Training loss on one batch, and the scalars to log."""
         logits = self(batch)
         ce = nn.functional.cross_entropy(logits, batch.label, ignore_index=-100)
-        return ce, {"ce": float(ce)}
+        return ce, {"ce": ce.item()}
 
     def after_step(self, batch: FeatureBatch) -> None:
         """Hook after the optimizer step (e.g. template updates, which are not gradient-trained)."""

@@ -1,0 +1,303 @@
+"""results.json (schema + validation) and report.md, every figure read from results.json.
+
+Schema (version 1), all accuracies are fractions in [0, 1]:
+
+```
+schema_version, created, wall_seconds, versions{}, seed, config{}
+benchmark: num_classes, answers[], devices[{id, seen, ...}], counts{}, accuracy_convention
+stage1: history[{epoch, loss, train_accuracy, seconds}], seconds
+informative: {global_clean, global_shifted, oracle_shifted}            (DESIGN §5 check)
+methods.<name>:
+  label, adaptive, train_seconds
+  accuracy.<per_sample|per_session>: per_device{id: acc}, seen|unseen|all{mean, worst, std, n}
+  params: {cloud, device_static}
+  flops: {benchmark, paper, benchmark_K, paper_K}           cloud step, one upload
+  bytes: {up, down{fp32, fp16, int8, factors?, driver?}}
+  adapt_ms: {median, p90, repeats}                           upload → device model that predicts
+oracle: accuracy{per_device, seen, unseen, all}, finetune_seconds{median, per_device}
+payload: rows of the paper presets' payload table
+```
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+SCHEMA_VERSION = 1
+BANDWIDTHS = (5.0, 15.0, 50.0, 100.0)
+SUMMARY_KEYS = ("mean", "worst", "std", "n")
+
+
+class ResultsSchemaError(ValueError):
+    """results.json does not follow the documented schema; the message names the path."""
+
+
+def _need(obj: Any, key: str, where: str, kind: type | tuple[type, ...]) -> Any:
+    if not isinstance(obj, dict) or key not in obj:
+        raise ResultsSchemaError(f"{where}.{key} is missing")
+    value = obj[key]
+    if not isinstance(value, kind):
+        raise ResultsSchemaError(f"{where}.{key} should be {kind}, got {type(value).__name__}")
+    return value
+
+
+def _check_fraction(v: Any, where: str) -> None:
+    if not isinstance(v, int | float) or not (0.0 <= v <= 1.0):
+        raise ResultsSchemaError(f"{where} should be a fraction in [0, 1], got {v!r}")
+
+
+def _check_accuracy_block(block: dict[str, Any], where: str) -> None:
+    per_dev = _need(block, "per_device", where, dict)
+    for dev, acc in per_dev.items():
+        _check_fraction(acc, f"{where}.per_device.{dev}")
+    for group in ("seen", "unseen", "all"):
+        summary = _need(block, group, where, dict)
+        for key in SUMMARY_KEYS:
+            _need(summary, key, f"{where}.{group}", (int, float))
+
+
+def validate_results(results: dict[str, Any]) -> None:
+    """Raise :class:`ResultsSchemaError` unless ``results`` follows the schema above."""
+    if _need(results, "schema_version", "results", int) != SCHEMA_VERSION:
+        raise ResultsSchemaError(f"results.schema_version should be {SCHEMA_VERSION}")
+    for key, kind in (("created", str), ("wall_seconds", (int, float)), ("versions", dict),
+                      ("config", dict), ("benchmark", dict), ("methods", dict), ("stage1", dict)):
+        _need(results, key, "results", kind)
+    bench = results["benchmark"]
+    _need(bench, "num_classes", "benchmark", int)
+    devices = _need(bench, "devices", "benchmark", list)
+    ids = {str(d["id"]) for d in devices}
+    if not results["methods"]:
+        raise ResultsSchemaError("results.methods is empty")
+    for name, m in results["methods"].items():
+        where = f"methods.{name}"
+        _need(m, "label", where, str)
+        _need(m, "adaptive", where, bool)
+        acc = _need(m, "accuracy", where, dict)
+        for mode in ("per_sample", "per_session"):
+            block = _need(acc, mode, f"{where}.accuracy", dict)
+            _check_accuracy_block(block, f"{where}.accuracy.{mode}")
+            missing = ids - set(block["per_device"])
+            if missing:
+                raise ResultsSchemaError(f"{where}.accuracy.{mode}.per_device lacks devices {sorted(missing)}")
+        params = _need(m, "params", where, dict)
+        _need(params, "cloud", f"{where}.params", int)
+        flops = _need(m, "flops", where, dict)
+        for key in ("benchmark", "paper", "benchmark_K", "paper_K"):
+            _need(flops, key, f"{where}.flops", int)
+        by = _need(m, "bytes", where, dict)
+        _need(by, "up", f"{where}.bytes", int)
+        down = _need(by, "down", f"{where}.bytes", dict)
+        for enc in ("fp32", "fp16", "int8"):
+            _need(down, enc, f"{where}.bytes.down", int)
+        adapt = _need(m, "adapt_ms", where, dict)
+        _need(adapt, "median", f"{where}.adapt_ms", (int, float))
+    if results.get("oracle"):
+        _check_accuracy_block(_need(results["oracle"], "accuracy", "oracle", dict), "oracle.accuracy")
+        _need(results["oracle"], "finetune_seconds", "oracle", dict)
+
+
+def load_results(path: Path) -> dict[str, Any]:
+    try:
+        results = json.loads(Path(path).read_text())
+    except json.JSONDecodeError as exc:
+        raise ResultsSchemaError(f"{path} is not valid JSON: {exc}") from exc
+    validate_results(results)
+    return results
+
+
+def _pct(v: float | None) -> str:
+    return "—" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{100 * v:.1f}"
+
+
+def _kb(nbytes: float) -> str:
+    return f"{nbytes / 1024:.2f} KB" if nbytes < 100 * 1024 else f"{nbytes / 1024:.1f} KB"
+
+
+def _ms(v: float) -> str:
+    if v >= 1000:
+        return f"{v / 1000:.1f} s"
+    return f"{v:.3f} ms" if v < 1 else f"{v:.2f} ms"
+
+
+def transfer_ms(nbytes: float, mb_per_s: float) -> float:
+    """The paper's Table 5 convention: KB = 1024 B and MB/s = 1024 KB/s."""
+    return nbytes / (mb_per_s * 1024 * 1024) * 1000
+
+
+def _verdicts(results: dict[str, Any]) -> list[str]:
+    """Plain sentences comparing StableSynthNet with each baseline, from the numbers alone."""
+    methods = results["methods"]
+    out: list[str] = []
+    if "stablesynth" not in methods:
+        return out
+    ours = methods["stablesynth"]["accuracy"]["per_sample"]
+    for name, m in methods.items():
+        if name == "stablesynth":
+            continue
+        other = m["accuracy"]["per_sample"]
+        for group in ("seen", "unseen"):
+            if not ours[group]["n"]:
+                continue
+            d_mean = 100 * (ours[group]["mean"] - other[group]["mean"])
+            d_worst = 100 * (ours[group]["worst"] - other[group]["worst"])
+            d_std = 100 * (ours[group]["std"] - other[group]["std"])
+            verb = "beats" if d_mean > 0.05 else ("loses to" if d_mean < -0.05 else "ties with")
+            out.append(
+                f"On {group} devices StableSynthNet {verb} {m['label']} by {d_mean:+.1f} points of mean "
+                f"accuracy ({d_worst:+.1f} on the worst device; spread across devices {d_std:+.1f} points)."
+            )
+    oracle = results.get("oracle")
+    if oracle:
+        d = 100 * (ours["all"]["mean"] - oracle["accuracy"]["all"]["mean"])
+        ft = oracle["finetune_seconds"]["median"]
+        ad = methods["stablesynth"]["adapt_ms"]["median"]
+        out.append(
+            f"Against per-device fine-tuning (the oracle, {ft:.2f} s per device) StableSynthNet is "
+            f"{d:+.1f} points over all devices while adapting in {_ms(ad)} ({ft * 1000 / max(ad, 1e-9):,.0f}× faster)."
+        )
+    return out
+
+
+def render_report(results: dict[str, Any], ablation: dict[str, Any] | None = None) -> str:
+    """report.md as a string; figures come only from ``results`` (and ``ablation``)."""
+    b = results["benchmark"]
+    methods = results["methods"]
+    K = b["num_classes"]
+    n_seen = sum(d["seen"] for d in b["devices"])
+    lines = [
+        "# StableSynthNet on the easy-VQA device benchmark",
+        "",
+        f"Generated {results['created']} by `stablesynth demo`; wall time {results['wall_seconds']:.0f} s. "
+        f"{len(b['devices'])} devices ({n_seen} seen in training, {len(b['devices']) - n_seen} unseen), "
+        f"K = {K} answers, seed {results['seed']}. Accuracy: {b.get('accuracy_convention', 'top-1')}. "
+        "Every number below is read from `results.json` in this folder.",
+        "",
+    ]
+    inf = results.get("informative")
+    if inf:
+        lines += [
+            "## Is the benchmark informative? (DESIGN §5)",
+            "",
+            "| check | accuracy |",
+            "|---|---|",
+            f"| global head (Fine-tuning) on clean frames | {_pct(inf['global_clean'])} |",
+            f"| global head on the devices' shifted frames | {_pct(inf['global_shifted'])} |",
+            f"| per-device fine-tuned head on shifted frames (oracle) | {_pct(inf['oracle_shifted'])} |",
+            "",
+            inf.get("verdict", ""),
+            "",
+        ]
+    paper = results.get("paper", {})
+    paper_acc = paper.get("accuracy", {})
+    paper_delay = paper.get("time_delay_ms", {})
+    lines += [
+        "## Accuracy and time to adapt (the paper's Table 1 layout)",
+        "",
+        "Per-sample mode: every real-time clip uploads one of its own frames. Time to adapt = measured "
+        "median from one uploaded feature to a device model that predicts (in process; the network round "
+        "trip is in `stablesynth bench serve`). Paper columns: MSRVTT-QA, Table 1.",
+        "",
+        "| method | seen mean | seen worst | seen std | unseen mean | unseen worst | unseen std | "
+        "time to adapt | paper acc | paper delay |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for name, m in methods.items():
+        a = m["accuracy"]["per_sample"]
+        t = m["adapt_ms"]["median"] if m["adaptive"] else None
+        adapt = _ms(t) if t is not None else "— (no adaptation)"
+        pa = paper_acc.get(name)
+        pd = paper_delay.get(name)
+        lines.append(
+            f"| {m['label']} | {_pct(a['seen']['mean'])} | {_pct(a['seen']['worst'])} | {_pct(a['seen']['std'])} "
+            f"| {_pct(a['unseen']['mean'])} | {_pct(a['unseen']['worst'])} | {_pct(a['unseen']['std'])} "
+            f"| {adapt} | {pa if pa is not None else '—'} | "
+            f"{('≥ ' + _ms(pd)) if pd is not None else '—'} |"
+        )
+    oracle = results.get("oracle")
+    if oracle:
+        a = oracle["accuracy"]
+        lines.append(
+            f"| per-device fine-tuning (oracle) | {_pct(a['seen']['mean'])} | {_pct(a['seen']['worst'])} | "
+            f"{_pct(a['seen']['std'])} | {_pct(a['unseen']['mean'])} | {_pct(a['unseen']['worst'])} | "
+            f"{_pct(a['unseen']['std'])} | {oracle['finetune_seconds']['median']:.2f} s (fine-tuning) | — | — |"
+        )
+    lines += ["", "### Per-session mode", "",
+              "The device uploads one frame at the start of its session and reuses Θ_d for all its clips.", "",
+              "| method | seen mean | seen worst | unseen mean | unseen worst | all std |", "|---|---|---|---|---|---|"]
+    for m in methods.values():
+        a = m["accuracy"]["per_session"]
+        lines.append(f"| {m['label']} | {_pct(a['seen']['mean'])} | {_pct(a['seen']['worst'])} | "
+                     f"{_pct(a['unseen']['mean'])} | {_pct(a['unseen']['worst'])} | {_pct(a['all']['std'])} |")
+    verdicts = _verdicts(results)
+    if verdicts:
+        lines += ["", "### What the numbers say", ""] + [f"- {v}" for v in verdicts]
+
+    if "duet" in methods and "stablesynth" in methods:
+        pduet = paper.get("duet", {})
+        lines += ["", "## DUET vs StableSynthNet (the paper's Table 2, plus cost)", "",
+                  f"| method | accuracy (all devices) | time to adapt | cloud FLOPs (K={K}) | cloud FLOPs "
+                  f"(K={methods['duet']['flops']['paper_K']}) | upload | paper acc | paper latency |",
+                  "|---|---|---|---|---|---|---|---|"]
+        for name in ("duet", "stablesynth"):
+            m = methods[name]
+            p = pduet.get(name, {})
+            lines.append(
+                f"| {m['label']} | {_pct(m['accuracy']['per_sample']['all']['mean'])} | {_ms(m['adapt_ms']['median'])} "
+                f"| {m['flops']['benchmark'] / 1e6:.3f} M | {m['flops']['paper'] / 1e6:.2f} M | {m['bytes']['up']} B "
+                f"| {p.get('accuracy', '—')} | {p.get('latency_s', '—')} s |"
+            )
+        lines += ["", "The paper counts 28.2 M FLOPs for DUET and 0.62 M for its own cloud step at K = 1501."]
+
+    lines += ["", "## Bytes and transfer time (the paper's Table 5 layout)", "",
+              f"Per adaptation at K = {K}; KB = 1024 B, MB/s = 1024 KB/s as in the paper. `factors` is what the "
+              "cloud sends when the device caches the generator's shared W0; `driver` when the device holds the "
+              "generator.", "",
+              "| method | encoding | size | " + " | ".join(f"{bw:g} MB/s" for bw in BANDWIDTHS) + " |",
+              "|---|---|---|" + "---|" * len(BANDWIDTHS)]
+    for m in methods.values():
+        if not m["adaptive"]:
+            continue
+        lines.append(f"| {m['label']} | ↑ upload | {_kb(m['bytes']['up'])} | "
+                     + " | ".join(_ms(transfer_ms(m["bytes"]["up"], bw)) for bw in BANDWIDTHS) + " |")
+        for enc, nbytes in m["bytes"]["down"].items():
+            if nbytes:
+                lines.append(f"| {m['label']} | ↓ {enc} | {_kb(nbytes)} | "
+                             + " | ".join(_ms(transfer_ms(nbytes, bw)) for bw in BANDWIDTHS) + " |")
+    if results.get("payload"):
+        lines += ["", "### The paper's presets", "", "Computed for the paper's label sizes; paper figures beside.", "",
+                  "| preset | K | ↓ fp32 | paper ↓ | ↓ fp16 | ↓ int8 | ↓ factors | ↓ driver | fp32 @100 MB/s | paper |",
+                  "|---|---|---|---|---|---|---|---|---|---|"]
+        for r in results["payload"]:
+            lines.append(
+                f"| {r['preset']} | {r['K']} | {_kb(r['fp32'])} | {r.get('paper_kb') or '—'} KB | {_kb(r['fp16'])} "
+                f"| {_kb(r['int8'])} | {_kb(r['factors']) if r.get('factors') else '—'} | {_kb(r['driver'])} "
+                f"| {_ms(transfer_ms(r['fp32'], 100))} | {r.get('paper_ms_100') or '—'} ms |"
+            )
+    lines += ["", "## Cost of each method", "",
+              "| method | cloud params | cloud FLOPs per upload | stage-2 training |", "|---|---|---|---|"]
+    for m in methods.values():
+        lines.append(f"| {m['label']} | {m['params']['cloud']:,} | {m['flops']['benchmark']:,} | "
+                     f"{m['train_seconds']:.1f} s |")
+    lines += ["", "## Plots", "", "![per-device accuracy](per_device_accuracy.png)", "",
+              "![accuracy vs cost](accuracy_vs_cost.png)", "", "![devices](devices.png)", ""]
+    if ablation:
+        lines += render_ablation(ablation)
+    return "\n".join(lines) + "\n"
+
+
+def render_ablation(ablation: dict[str, Any]) -> list[str]:
+    lines = ["## Ablations", "",
+             f"StableSynthNet with one change at a time, {ablation['n_seeds']} stage-2 seeds each "
+             "(mean ± std of the mean accuracy over all devices, per-sample mode).", "",
+             "| group | variant | mean | std | worst device | spread |", "|---|---|---|---|---|---|"]
+    for r in ablation["rows"]:
+        lines.append(f"| {r['group']} | {r['name']} | {_pct(r['mean'])} | {_pct(r['std'])} | "
+                     f"{_pct(r['worst'])} | {_pct(r['spread'])} |")
+    if ablation.get("notes"):
+        lines += [""] + [f"- {n}" for n in ablation["notes"]]
+    lines += ["", "![ablations](ablation.png)", ""]
+    return lines

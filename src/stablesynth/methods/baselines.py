@@ -1,0 +1,139 @@
+"""Baselines (DESIGN §4): fine_tune, f_linear (one global head), f_hyper and duet (hypernetworks).
+
+All start from the stage-1 head through ``init_from_head``. F-hyper uses the same
+projector and the same generator as StableSynthNet (``MethodConfig.generator``,
+default ``film``), so comparing the two isolates StableSynthNet's three modules.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import ClassVar
+
+import torch
+from torch import nn
+
+from stablesynth.data.batch import FeatureBatch
+from stablesynth.methods.base import METHODS, Method
+from stablesynth.methods.config import MethodConfig
+from stablesynth.models.device import FEATURE_DIM, HIDDEN_DIM, StaticHead, dynamic_linear, dynamic_specs
+from stablesynth.models.generators import Generator, create_generator
+from stablesynth.models.hypernet import MLPProjector, SequenceProjector
+
+
+def _check_head(weight: torch.Tensor, bias: torch.Tensor, K: int) -> None:
+    if tuple(weight.shape) != (K, HIDDEN_DIM) or tuple(bias.shape) != (K,):
+        raise ValueError(f"head must be weight [{K}, {HIDDEN_DIM}] and bias [{K}], "
+                         f"got {tuple(weight.shape)} and {tuple(bias.shape)}")
+    if not (torch.isfinite(weight).all() and torch.isfinite(bias).all()):
+        raise ValueError("head weight/bias contain NaN or inf")
+
+
+class _DeviceHeadMixin(Method):
+    """The device half every method shares: logits = W_d · static(F_g) + b_d."""
+
+    def predict(self, f_g: torch.Tensor, params: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        if f_g.dim() != 2 or f_g.shape[1] != FEATURE_DIM:
+            raise ValueError(f"f_g must be [B, {FEATURE_DIM}], got {tuple(f_g.shape)}")
+        weight, bias = params["weight"], params["bias"]
+        if weight.dim() == 3 and weight.shape[0] != f_g.shape[0]:
+            raise ValueError(f"per-sample Θ_d for {weight.shape[0]} samples, but {f_g.shape[0]} clips")
+        return dynamic_linear(self.static(f_g), weight, bias)
+
+
+class _GlobalHead(_DeviceHeadMixin):
+    """One W, b for every device: nothing is generated per upload."""
+
+    adaptive: ClassVar[bool] = False
+
+    def __init__(self, cfg: MethodConfig, num_classes: int) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.num_classes = num_classes
+        self.static = StaticHead(dropout=cfg.dropout)
+        layer = nn.Linear(HIDDEN_DIM, num_classes)
+        self.weight = nn.Parameter(layer.weight.detach().clone())
+        self.bias = nn.Parameter(layer.bias.detach().clone())
+
+    def init_from_head(self, static: StaticHead, weight: torch.Tensor, bias: torch.Tensor) -> None:
+        _check_head(weight, bias, self.num_classes)
+        super().init_from_head(static, weight, bias)
+        with torch.no_grad():
+            self.weight.copy_(weight)
+            self.bias.copy_(bias)
+
+    def adapt(self, upload: torch.Tensor) -> dict[str, torch.Tensor]:
+        B = upload.shape[0]
+        return {"weight": self.weight.expand(B, -1, -1), "bias": self.bias.expand(B, -1)}
+
+    def forward(self, batch: FeatureBatch) -> torch.Tensor:
+        # The shared W, b need no per-sample copy: one matmul for the batch.
+        return self.predict(batch.f_g, {"weight": self.weight, "bias": self.bias})
+
+
+@METHODS.register("fine_tune")
+class FineTune(_GlobalHead):
+    """Fine-tuning: the stage-1 global head (encoder + head trained in stage 1); stage 2 trains nothing."""
+
+    name: ClassVar[str] = "fine_tune"
+    trains_in_stage2: ClassVar[bool] = False
+
+
+@METHODS.register("f_linear")
+class FLinear(_GlobalHead):
+    """F-linear: the same head, trained in stage 2 on features of the untrained (frozen) encoder."""
+
+    name: ClassVar[str] = "f_linear"
+
+
+class HyperMethod(_DeviceHeadMixin):
+    """Projector f_p + generator f_h (Eq. 3): Θ_d = f_h(f_p(upload))."""
+
+    projector: nn.Module
+    generator: Generator
+
+    def __init__(self, cfg: MethodConfig, num_classes: int) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.num_classes = num_classes
+        self.static = StaticHead(dropout=cfg.dropout)
+        self.projector = self._make_projector(cfg)
+        self.generator = create_generator(cfg.generator, dynamic_specs(num_classes), cfg.driver_dim,
+                                          rank=cfg.rank, code_dim=cfg.code_dim)
+
+    def _make_projector(self, cfg: MethodConfig) -> nn.Module:
+        return MLPProjector(FEATURE_DIM, cfg.driver_dim, cfg.projector_hidden)
+
+    def init_from_head(self, static: StaticHead, weight: torch.Tensor, bias: torch.Tensor) -> None:
+        _check_head(weight, bias, self.num_classes)
+        super().init_from_head(static, weight, bias)
+        self.generator.reset_base({"weight": weight, "bias": bias})
+
+    def driver(self, upload: torch.Tensor) -> torch.Tensor:
+        return self.projector(upload)
+
+    def adapt(self, upload: torch.Tensor) -> dict[str, torch.Tensor]:
+        return self.generator(self.driver(upload))
+
+
+@METHODS.register("f_hyper")
+class FHyper(HyperMethod):
+    """F-hyper: the hypernetwork on the raw uploaded frame; cross-entropy only."""
+
+    name: ClassVar[str] = "f_hyper"
+
+
+@METHODS.register("duet")
+class Duet(HyperMethod):
+    """DUET: GRU + MLP over the clip's first ``duet_frames`` frames ([B, 5, 192] uploaded), full generator."""
+
+    name: ClassVar[str] = "duet"
+
+    def _make_projector(self, cfg: MethodConfig) -> nn.Module:
+        return SequenceProjector(FEATURE_DIM, cfg.driver_dim, cfg.projector_hidden)
+
+    def upload(self, batch: FeatureBatch) -> torch.Tensor:
+        T = self.cfg.duet_frames
+        if batch.frames.shape[1] < T:
+            raise ValueError(f"duet uploads {T} frames but the clips have only {batch.frames.shape[1]}")
+        return batch.frames[:, :T]

@@ -1,0 +1,125 @@
+"""``stablesynth serve`` and ``stablesynth device export|predict``: parse and delegate."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from stablesynth.serving.protocol import ENCODINGS
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    serve = subparsers.add_parser(
+        "serve", help="serve checkpoints over HTTP (cloud side)",
+        description="Serve one or more method checkpoints: POST /v1/models/{id}/adapt takes one 192-float "
+                    "frame feature and returns the device's last-layer parameters as a binary frame. "
+                    "Also /v1/noop, /v1/models, /healthz, /readyz, /metrics and /docs.")
+    serve.add_argument("--checkpoint", type=Path, action="append", required=True, metavar="DIR",
+                       help="method checkpoint directory (repeat to serve several models)")
+    serve.add_argument("--host", default="127.0.0.1", help="interface to bind (default: loopback only)")
+    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--token", default=None, help="require 'Authorization: Bearer TOKEN' on /v1/*")
+    serve.add_argument("--max-batch", type=int, default=64, help="most uploads per batched model call")
+    serve.add_argument("--max-wait-ms", type=float, default=2.0,
+                       help="how long the first request of a batch waits for company")
+    serve.add_argument("--model-id", default=None,
+                       help="serve under this id (one checkpoint only; default: the manifest's)")
+    serve.set_defaults(func=_serve)
+
+    device = subparsers.add_parser("device", help="device side: export a bundle, predict via a server",
+                                   description="Device-side tools.")
+    dsub = device.add_subparsers(dest="device_command", metavar="COMMAND")
+    export = dsub.add_parser(
+        "export", help="write the device bundle of a checkpoint",
+        description="Write a device bundle: ONNX device model (Θ_d as graph inputs), static head, global "
+                    "parameters and generator weights, with a manifest of model id/version and checksums.")
+    export.add_argument("--checkpoint", type=Path, required=True, metavar="DIR")
+    export.add_argument("--out", type=Path, required=True, metavar="DIR")
+    export.set_defaults(func=_export)
+
+    predict = dsub.add_parser(
+        "predict", help="upload one frame feature, get Θ_d, predict with ONNX Runtime",
+        description="Predict one clip on the device. The upload is one frame of the clip's features; "
+                    "F_g is the mean of the clip's frames. Falls back to cached or global parameters if "
+                    "the server fails, and prints which source was used.")
+    predict.add_argument("--server", required=True, help="base URL, e.g. http://127.0.0.1:8000")
+    predict.add_argument("--bundle", type=Path, required=True, metavar="DIR")
+    src = predict.add_mutually_exclusive_group(required=True)
+    src.add_argument("--feature-file", type=Path, metavar="F",
+                     help=".npy or .json with the clip's per-frame features, shape [N_f, 192] (or [192])")
+    src.add_argument("--clip", metavar="ID", help="a benchmark clip id (needs the benchmark's feature cache)")
+    predict.add_argument("--upload-index", type=int, default=0, help="which frame to upload (default 0)")
+    predict.add_argument("--encoding", choices=ENCODINGS, default="fp32")
+    predict.add_argument("--timeout", type=float, default=2.0, help="seconds per HTTP phase")
+    predict.add_argument("--retries", type=int, default=2)
+    predict.add_argument("--token", default=None)
+    predict.set_defaults(func=_predict)
+    device.set_defaults(func=lambda args: device.print_help() or 2)
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from stablesynth.serving.server import load_cloud_model, serve
+
+    if args.model_id and len(args.checkpoint) > 1:
+        raise ValueError("--model-id needs exactly one --checkpoint")
+    models = {}
+    for ckpt in args.checkpoint:
+        model = load_cloud_model(ckpt, model_id=args.model_id)
+        if model.model_id in models:
+            raise ValueError(f"two checkpoints claim model id {model.model_id!r}")
+        models[model.model_id] = model
+    for m in models.values():
+        print(f"serving {m.model_id}@{m.version} ({m.method_name}, K={m.num_classes}) "
+              f"on http://{args.host}:{args.port}", flush=True)
+    serve(models, host=args.host, port=args.port, token=args.token, max_batch=args.max_batch,
+          max_wait_ms=args.max_wait_ms)
+    return 0
+
+
+def _export(args: argparse.Namespace) -> int:
+    from stablesynth.serving.client import export_device_bundle
+    from stablesynth.serving.server import load_cloud_model
+
+    model = load_cloud_model(args.checkpoint)
+    out = export_device_bundle(model, args.out)
+    print(f"device bundle for {model.model_id}@{model.version} (K={model.num_classes}) written to {out}")
+    return 0
+
+
+def load_frames(path: Path) -> torch.Tensor:
+    """Per-frame features [N_f, 192] from ``.npy`` or ``.json`` (a list, or {"frames": [...]})."""
+    if path.suffix == ".npy":
+        arr = np.load(path, allow_pickle=False)
+    elif path.suffix == ".json":
+        obj = json.loads(path.read_text())
+        arr = np.asarray(obj["frames"] if isinstance(obj, dict) else obj, dtype=np.float32)
+    else:
+        raise ValueError(f"{path}: use a .npy or .json feature file")
+    arr = np.asarray(arr, dtype=np.float32)
+    if arr.ndim == 1:
+        arr = arr[None]
+    if arr.ndim != 2 or arr.shape[1] != 192:
+        raise ValueError(f"{path}: expected features of shape [N_f, 192], got {list(arr.shape)}")
+    return torch.from_numpy(arr)
+
+
+def _predict(args: argparse.Namespace) -> int:
+    from stablesynth.serving.client import DeviceClient
+
+    if args.clip is not None:
+        raise ValueError("--clip needs the benchmark's feature cache, which this build does not connect yet; "
+                         "use --feature-file")
+    frames = load_frames(args.feature_file)
+    if not 0 <= args.upload_index < frames.shape[0]:
+        raise ValueError(f"--upload-index {args.upload_index} outside the clip's {frames.shape[0]} frames")
+    with DeviceClient(args.server, args.bundle, encoding=args.encoding, timeout=args.timeout,
+                      retries=args.retries, token=args.token) as client:
+        logits, res = client.predict(frames.mean(0), frames[args.upload_index])
+    print(json.dumps({"prediction": int(np.argmax(logits[0])), "source": res.source, "error": res.error,
+                      "bytes_down": res.bytes_down, "latency_ms": round(res.latency_ms, 3),
+                      "model": f"{client.model_id}@{client.bundle.model_version}"}))
+    return 0

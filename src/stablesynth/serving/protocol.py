@@ -1,0 +1,389 @@
+"""Wire protocol between the cloud service and the device.
+
+A reply is one self-describing frame::
+
+    magic     4 B   b"SSYN"
+    version   u16   PROTOCOL_VERSION (little-endian)
+    hlen      u32   length of the JSON header in bytes
+    hcrc      u32   CRC32 of the JSON header bytes
+    header    hlen  UTF-8 JSON: model_id, model_version, encoding, tensors
+                    [{name, dtype, shape}], payload_length, payload_sha256
+    payload         the tensors' bytes, little-endian, concatenated in header order
+
+The header has its own CRC so a flipped byte in it is reported as a checksum
+failure instead of being parsed into a plausible but wrong description; the
+payload is covered by SHA-256. Every failure is a :class:`ProtocolError`
+subclass; :func:`decode` never returns a tensor it has not verified.
+
+Encodings and their maximum error against the fp32 tensors the cloud computed:
+
+=========  ==================================================================
+fp32       exact (bit for bit).
+fp16       |x̂ − x| ≤ 2⁻¹¹·|x| for |x| ≥ 2⁻¹⁴, ≤ 2⁻²⁵ below (subnormals);
+           values beyond ±65504 are refused at encode time.
+int8       symmetric, one fp32 scale per row (last dimension; a 1-D tensor is
+           one row): s = max|row|/127, |x̂ − x| ≤ s/2 (+ fp32 rounding).
+factors    the generator's ``factors(driver)`` in fp32, exact; the device
+           rebuilds Θ_d with ``expand`` from its cached ``shared()`` tensors,
+           so Θ_d equals the cloud's up to float summation order.
+driver     the driver vector d in fp32, exact; the device runs the generator.
+=========  ==================================================================
+
+Upload (device → cloud): 192 little-endian float32 (768 B) with
+``Content-Type: application/octet-stream``, or JSON ``{"feature": [192 numbers]}``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import struct
+import zlib
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, Final, Literal
+
+import numpy as np
+import torch
+
+MAGIC: Final = b"SSYN"
+PROTOCOL_VERSION: Final = 1
+MEDIA_TYPE: Final = "application/vnd.stablesynth"
+UPLOAD_DIM: Final = 192
+UPLOAD_BYTES: Final = UPLOAD_DIM * 4
+#: A header describes a handful of tensors; anything larger is not one of ours.
+MAX_HEADER_BYTES: Final = 64 * 1024
+#: Upper bound on elements per reply (far above 97·K for every preset) so a bad header cannot ask for GBs.
+MAX_ELEMENTS: Final = 1 << 28
+
+_PREFIX = struct.Struct("<4sHII")
+PREFIX_BYTES: Final = _PREFIX.size
+
+Encoding = Literal["fp32", "fp16", "int8", "factors", "driver"]
+ENCODINGS: Final[tuple[str, ...]] = ("fp32", "fp16", "int8", "factors", "driver")
+#: Encodings whose payload is Θ_d itself (as opposed to factors or the driver).
+PARAM_ENCODINGS: Final[tuple[str, ...]] = ("fp32", "fp16", "int8")
+
+_DTYPES: Final[dict[str, np.dtype]] = {
+    "f32": np.dtype("<f4"),
+    "f16": np.dtype("<f2"),
+    "i8": np.dtype("i1"),
+}
+_SCALE_SUFFIX: Final = "::scale"
+FP16_MAX: Final = 65504.0
+
+
+class ProtocolError(ValueError):
+    """A frame that cannot be trusted; subclasses say why."""
+
+
+class BadMagic(ProtocolError):  # noqa: N818 (names from the protocol spec)
+    """The frame does not start with ``b"SSYN"``: not a stablesynth reply at all."""
+
+
+class UnsupportedVersion(ProtocolError):  # noqa: N818 (names from the protocol spec)
+    """The frame uses a protocol version this code does not speak."""
+
+
+class ModelMismatch(ProtocolError):  # noqa: N818 (names from the protocol spec)
+    """The frame was produced by a different model id or model version than expected."""
+
+
+class ChecksumMismatch(ProtocolError):  # noqa: N818 (names from the protocol spec)
+    """Header CRC32 or payload SHA-256 differs: the bytes were corrupted."""
+
+
+class Truncated(ProtocolError):  # noqa: N818 (names from the protocol spec)
+    """The frame is shorter than its header says."""
+
+
+class BadHeader(ProtocolError):  # noqa: N818 (names from the protocol spec)
+    """The header is well-formed bytes but describes an impossible frame."""
+
+
+class UploadError(ValueError):
+    """An upload body that is not one 192-float feature; ``code`` is the API error code."""
+
+    def __init__(self, code: str, detail: str) -> None:
+        super().__init__(f"{code}: {detail}")
+        self.code = code
+        self.detail = detail
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+
+    @property
+    def nbytes(self) -> int:
+        return math.prod(self.shape) * _DTYPES[self.dtype].itemsize
+
+
+@dataclass(frozen=True)
+class Header:
+    protocol_version: int
+    model_id: str
+    model_version: str
+    encoding: str
+    tensors: tuple[TensorInfo, ...]
+    payload_length: int
+    payload_sha256: str
+
+    def to_json(self) -> bytes:
+        return json.dumps({
+            "model_id": self.model_id,
+            "model_version": self.model_version,
+            "encoding": self.encoding,
+            "tensors": [{"name": t.name, "dtype": t.dtype, "shape": list(t.shape)} for t in self.tensors],
+            "payload_length": self.payload_length,
+            "payload_sha256": self.payload_sha256,
+        }, separators=(",", ":"), sort_keys=True).encode("utf-8")
+
+
+# ----------------------------------------------------------------------------- encode
+
+
+def _to_numpy(t: torch.Tensor | np.ndarray) -> np.ndarray:
+    if isinstance(t, torch.Tensor):
+        t = t.detach().to("cpu", torch.float32).numpy()
+    return np.ascontiguousarray(np.asarray(t, dtype=np.float32))
+
+
+def _quantize_int8(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    # One row per index of the leading dims (a 1-D tensor is one row), so a large bias
+    # row cannot coarsen the weight rows' steps.
+    rows = x.reshape(1 if x.ndim == 1 else math.prod(x.shape[:-1]), x.shape[-1])
+    scale = (np.abs(rows).max(axis=1, initial=0.0) / 127.0).astype(np.float32)
+    safe = np.where(scale > 0, scale, 1.0).astype(np.float32)
+    q = np.clip(np.rint(rows / safe[:, None]), -127, 127).astype(np.int8)
+    return q.reshape(x.shape), scale
+
+
+def encode(tensors: Mapping[str, torch.Tensor | np.ndarray], encoding: str, model_id: str,
+           model_version: str) -> bytes:
+    """Serialize ``tensors`` (float, any shapes) as one frame in ``encoding``.
+
+    For ``fp32``/``fp16``/``int8`` the tensors are Θ_d (``weight``, ``bias``); for
+    ``factors`` the generator's factors; for ``driver`` ``{"driver": d}``. The
+    latter two always travel as fp32.
+    """
+    if encoding not in ENCODINGS:
+        raise ValueError(f"unknown encoding {encoding!r} (known: {', '.join(ENCODINGS)})")
+    infos: list[TensorInfo] = []
+    chunks: list[bytes] = []
+    for name, tensor in tensors.items():
+        if _SCALE_SUFFIX in name:
+            raise ValueError(f"tensor name {name!r} may not contain {_SCALE_SUFFIX!r}")
+        x = _to_numpy(tensor)
+        if not np.isfinite(x).all():
+            raise ValueError(f"tensor {name!r} has NaN or Inf; refusing to send it")
+        if encoding == "fp16":
+            if x.size and float(np.abs(x).max()) > FP16_MAX:
+                raise ValueError(f"tensor {name!r} exceeds the fp16 range (±{FP16_MAX}); use fp32 or int8")
+            infos.append(TensorInfo(name, "f16", x.shape))
+            chunks.append(x.astype("<f2").tobytes())
+        elif encoding == "int8":
+            if x.ndim == 0:
+                x = x.reshape(1)
+            q, scale = _quantize_int8(x)
+            infos.append(TensorInfo(name, "i8", q.shape))
+            chunks.append(q.tobytes())
+            infos.append(TensorInfo(name + _SCALE_SUFFIX, "f32", scale.shape))
+            chunks.append(scale.astype("<f4").tobytes())
+        else:
+            infos.append(TensorInfo(name, "f32", x.shape))
+            chunks.append(x.astype("<f4").tobytes())
+    payload = b"".join(chunks)
+    header = Header(PROTOCOL_VERSION, str(model_id), str(model_version), encoding, tuple(infos),
+                    len(payload), hashlib.sha256(payload).hexdigest())
+    hjson = header.to_json()
+    return _PREFIX.pack(MAGIC, PROTOCOL_VERSION, len(hjson), zlib.crc32(hjson)) + hjson + payload
+
+
+# ----------------------------------------------------------------------------- decode
+
+
+def _parse_header(raw: bytes) -> Header:
+    try:
+        obj = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise BadHeader(f"header is not JSON: {exc}") from None
+    if not isinstance(obj, dict):
+        raise BadHeader("header is not a JSON object")
+    try:
+        model_id, model_version = obj["model_id"], obj["model_version"]
+        encoding, tensors = obj["encoding"], obj["tensors"]
+        length, digest = obj["payload_length"], obj["payload_sha256"]
+    except KeyError as exc:
+        raise BadHeader(f"header lacks {exc.args[0]!r}") from None
+    if not (isinstance(model_id, str) and isinstance(model_version, str) and isinstance(digest, str)):
+        raise BadHeader("model_id, model_version and payload_sha256 must be strings")
+    if encoding not in ENCODINGS:
+        raise BadHeader(f"unknown encoding {encoding!r}")
+    if not isinstance(length, int) or isinstance(length, bool) or length < 0:
+        raise BadHeader(f"bad payload_length {length!r}")
+    if not isinstance(tensors, list):
+        raise BadHeader("tensors must be a list")
+    infos: list[TensorInfo] = []
+    total = 0
+    for t in tensors:
+        if not isinstance(t, dict) or set(t) != {"name", "dtype", "shape"}:
+            raise BadHeader(f"bad tensor entry {t!r}")
+        name, dtype, shape = t["name"], t["dtype"], t["shape"]
+        if not isinstance(name, str) or dtype not in _DTYPES or not isinstance(shape, list):
+            raise BadHeader(f"bad tensor entry {t!r}")
+        if not all(isinstance(s, int) and not isinstance(s, bool) and 0 <= s <= MAX_ELEMENTS for s in shape):
+            raise BadHeader(f"bad shape {shape!r} for {name!r}")
+        info = TensorInfo(name, dtype, tuple(shape))
+        total += math.prod(info.shape)
+        if total > MAX_ELEMENTS:
+            raise BadHeader("frame describes more elements than any model sends")
+        infos.append(info)
+    if len({i.name for i in infos}) != len(infos):
+        raise BadHeader("duplicate tensor names")
+    if sum(i.nbytes for i in infos) != length:
+        raise BadHeader("tensor sizes do not add up to payload_length")
+    return Header(PROTOCOL_VERSION, model_id, model_version, encoding, tuple(infos), length, digest)
+
+
+def decode_header(data: bytes) -> tuple[Header, int]:
+    """Verify magic, version, header CRC and parse the header; returns it and the payload offset."""
+    if len(data) < len(MAGIC):
+        if MAGIC.startswith(bytes(data)):
+            raise Truncated(f"frame of {len(data)} bytes ends inside the magic")
+        raise BadMagic("not a stablesynth frame")
+    if bytes(data[:4]) != MAGIC:
+        raise BadMagic(f"not a stablesynth frame (starts with {bytes(data[:4])!r})")
+    if len(data) < PREFIX_BYTES:
+        raise Truncated(f"frame of {len(data)} bytes ends inside the fixed prefix")
+    _, version, hlen, hcrc = _PREFIX.unpack_from(data)
+    if version != PROTOCOL_VERSION:
+        raise UnsupportedVersion(f"protocol version {version}; this build speaks {PROTOCOL_VERSION}")
+    if hlen > MAX_HEADER_BYTES:
+        raise BadHeader(f"header length {hlen} exceeds {MAX_HEADER_BYTES}")
+    end = PREFIX_BYTES + hlen
+    if len(data) < end:
+        raise Truncated(f"frame ends inside the header ({len(data)} < {end} bytes)")
+    raw = bytes(data[PREFIX_BYTES:end])
+    if zlib.crc32(raw) != hcrc:
+        raise ChecksumMismatch("header CRC32 mismatch")
+    return _parse_header(raw), end
+
+
+def decode(data: bytes, expect_model_id: str | None = None,
+           expect_version: str | None = None) -> tuple[dict[str, torch.Tensor], Header]:
+    """Verify and decode a frame; returns float32 tensors and the header.
+
+    For ``fp16``/``int8`` the tensors are de-quantized; for ``factors`` and
+    ``driver`` they are what the cloud sent (the caller expands them). Raises a
+    :class:`ProtocolError` subclass on any inconsistency.
+    """
+    header, offset = decode_header(data)
+    if expect_model_id is not None and header.model_id != expect_model_id:
+        raise ModelMismatch(f"frame is for model {header.model_id!r}, expected {expect_model_id!r}")
+    if expect_version is not None and header.model_version != expect_version:
+        raise ModelMismatch(
+            f"frame is for {header.model_id!r} version {header.model_version!r}, expected {expect_version!r}")
+    available = len(data) - offset
+    if available < header.payload_length:
+        raise Truncated(f"payload has {available} of {header.payload_length} bytes")
+    if available > header.payload_length:
+        raise BadHeader(f"{available - header.payload_length} bytes after the payload")
+    payload = memoryview(data)[offset:]
+    if hashlib.sha256(payload).hexdigest() != header.payload_sha256:
+        raise ChecksumMismatch("payload SHA-256 mismatch")
+    arrays: dict[str, np.ndarray] = {}
+    pos = 0
+    for info in header.tensors:
+        arrays[info.name] = np.frombuffer(payload, _DTYPES[info.dtype], math.prod(info.shape),
+                                          pos).reshape(info.shape)
+        pos += info.nbytes
+    return _reconstruct(arrays, header), header
+
+
+def _reconstruct(arrays: dict[str, np.ndarray], header: Header) -> dict[str, torch.Tensor]:
+    out: dict[str, torch.Tensor] = {}
+    expect = "i8" if header.encoding == "int8" else "f16" if header.encoding == "fp16" else "f32"
+    for info in header.tensors:
+        if info.name.endswith(_SCALE_SUFFIX):
+            if header.encoding != "int8" or info.dtype != "f32":
+                raise BadHeader(f"unexpected scale tensor {info.name!r}")
+            continue
+        if info.dtype != expect:
+            raise BadHeader(f"{header.encoding} frame holds {info.dtype} tensor {info.name!r}")
+        x = arrays[info.name]
+        if header.encoding == "int8":
+            scale = arrays.get(info.name + _SCALE_SUFFIX)
+            rows = math.prod(info.shape[:-1]) if len(info.shape) > 1 else 1
+            if scale is None or scale.shape != (rows,) or len(info.shape) == 0:
+                raise BadHeader(f"int8 tensor {info.name!r} lacks a matching per-row scale")
+            if not np.isfinite(scale).all() or (scale < 0).any():
+                raise BadHeader(f"bad scales for {info.name!r}")
+            x = (x.reshape(rows, info.shape[-1]).astype(np.float32) * scale[:, None]).reshape(info.shape)
+        y = np.array(x, dtype=np.float32)
+        if not np.isfinite(y).all():
+            raise BadHeader(f"tensor {info.name!r} holds NaN or Inf")
+        out[info.name] = torch.from_numpy(y)
+    return out
+
+
+def max_error(encoding: str, reference: torch.Tensor) -> torch.Tensor:
+    """Element-wise bound on |decoded − reference| that ``encoding`` guarantees (see module doc)."""
+    ref = reference.detach().float()
+    if encoding in ("fp32", "factors", "driver"):
+        return torch.zeros_like(ref)
+    if encoding == "fp16":
+        return torch.maximum(ref.abs() * 2.0**-11, torch.full_like(ref, 2.0**-25))
+    if encoding == "int8":
+        rows = ref.reshape(1, -1) if ref.dim() <= 1 else ref.reshape(-1, ref.shape[-1])
+        half_step = rows.abs().amax(dim=1, keepdim=True) / 254.0
+        # fp32 rounding of x/s, rint and q·s adds a few ulps of the row maximum.
+        bound = half_step * (1 + 1e-5) + rows.abs().amax(dim=1, keepdim=True) * 4 * 2.0**-24
+        return bound.expand_as(rows).reshape(ref.shape)
+    raise ValueError(f"unknown encoding {encoding!r}")
+
+
+# ----------------------------------------------------------------------------- upload
+
+
+def encode_upload(feature: torch.Tensor | np.ndarray) -> bytes:
+    """The device's upload: one 192-float feature as 768 little-endian float32 bytes."""
+    x = _to_numpy(feature).reshape(-1)
+    if x.size != UPLOAD_DIM:
+        raise ValueError(f"upload must have {UPLOAD_DIM} floats, got {x.size}")
+    if not np.isfinite(x).all():
+        raise ValueError("upload holds NaN or Inf")
+    return x.astype("<f4").tobytes()
+
+
+def decode_upload(body: bytes, content_type: str | None) -> torch.Tensor:
+    """Parse an upload body into a float32 tensor [192]; raises :class:`UploadError`."""
+    media = (content_type or "application/octet-stream").split(";")[0].strip().lower()
+    if media == "application/json":
+        try:
+            obj: Any = json.loads(body)
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise UploadError("bad_json", f"body is not JSON: {exc}") from None
+        feat = obj.get("feature") if isinstance(obj, dict) else None
+        if not isinstance(feat, list) or not all(
+                isinstance(v, int | float) and not isinstance(v, bool) for v in feat):
+            raise UploadError("bad_json", 'expected {"feature": [192 numbers]}')
+        if len(feat) != UPLOAD_DIM:
+            raise UploadError("bad_size", f"feature has {len(feat)} values, expected {UPLOAD_DIM}")
+        # Values beyond float32's range become Inf and are refused below with the NaN/Inf check.
+        with np.errstate(over="ignore"):
+            x = np.asarray(feat, dtype=np.float32)
+    elif media == "application/octet-stream":
+        if len(body) != UPLOAD_BYTES:
+            raise UploadError("bad_size", f"body has {len(body)} bytes, expected {UPLOAD_BYTES} "
+                                          f"({UPLOAD_DIM} little-endian float32)")
+        x = np.frombuffer(body, "<f4").astype(np.float32)
+    else:
+        raise UploadError("unsupported_media_type",
+                          f"Content-Type {media!r}; use application/octet-stream or application/json")
+    if not np.isfinite(x).all():
+        raise UploadError("non_finite", "feature holds NaN or Inf")
+    return torch.from_numpy(x.copy())

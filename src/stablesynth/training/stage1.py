@@ -1,0 +1,210 @@
+"""Stage 1: train the multimodal encoder with a global task head (the Fine-tuning baseline).
+
+The model is Eq. 4 with static parameters: F_g = mean of the encoder's features of
+the D sampled frames, then the device head (static MLP + a plain 96 → K layer).
+Training is resumable: the state after every epoch is a checkpoint (model and
+AdamW moments in safetensors, epoch and scheduler position in the manifest).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from stablesynth.config import Config, require
+from stablesynth.models.device import HIDDEN_DIM, StaticHead
+from stablesynth.training.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+
+
+@dataclass
+class Stage1Config(Config):
+    """Stage-1 optimisation (paper §4.3: AdamW, polynomial decay, lr 2e-5, 10 epochs).
+
+    The paper fine-tunes a pretrained All-in-One; the CPU preset's vision blocks start
+    from scratch, so its default config raises the learning rate (see configs/).
+    """
+
+    epochs: int = 10
+    lr: float = 2e-5
+    weight_decay: float = 0.01
+    batch_size: int = 64
+    warmup_ratio: float = 0.1
+    power: float = 1.0
+    grad_clip: float = 1.0
+    head_dropout: float = 0.5
+    max_steps_per_epoch: int = 0
+
+    def validate(self) -> None:
+        require(self.epochs >= 0, "epochs", "must be >= 0")
+        require(self.lr > 0, "lr", "must be > 0")
+        require(self.batch_size >= 1, "batch_size", "must be >= 1")
+        require(0 <= self.warmup_ratio < 1, "warmup_ratio", "must be in [0, 1)")
+        require(0 <= self.head_dropout < 1, "head_dropout", "must be in [0, 1)")
+        require(self.max_steps_per_epoch >= 0, "max_steps_per_epoch", "must be >= 0 (0 = no cap)")
+
+
+def encode_frames(encoder: nn.Module, frames: torch.Tensor, input_ids: torch.Tensor,
+                  attention_mask: torch.Tensor) -> torch.Tensor:
+    """Per-frame features F_m [B, F, 192], each frame encoded on its own with the question.
+
+    Frames go through the encoder one position at a time so that a frame's feature does
+    not depend on where in the clip it sits: the device uploads any one frame, and the
+    cloud must read it the same way whichever it is.
+    """
+    b, f = frames.shape[:2]
+    flat = frames.reshape(b * f, 1, *frames.shape[2:])
+    ids = input_ids.repeat_interleave(f, dim=0)
+    mask = attention_mask.repeat_interleave(f, dim=0)
+    return encoder(flat, ids, mask).reshape(b, f, -1)
+
+
+class GlobalModel(nn.Module):
+    """Encoder + device head with static last layer: the cloud model of the Fine-tuning baseline."""
+
+    def __init__(self, encoder: nn.Module, num_classes: int, dropout: float = 0.5):
+        super().__init__()
+        self.encoder = encoder
+        self.static = StaticHead(encoder.feature_dim, HIDDEN_DIM, dropout)
+        self.classifier = nn.Linear(HIDDEN_DIM, num_classes)
+
+    def clip_features(self, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        """F_g: mean of the encoder features of the clip's D sampled frames."""
+        frames = batch["frames"]
+        idx = batch["global_index"]
+        b = torch.arange(frames.shape[0]).unsqueeze(1)
+        chosen = frames[b, idx]
+        return encode_frames(self.encoder, chosen, batch["input_ids"], batch["attention_mask"]).mean(dim=1)
+
+    def forward(self, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        return self.classifier(self.static(self.clip_features(batch)))
+
+
+def polynomial_decay(step: int, total: int, warmup: int, power: float = 1.0) -> float:
+    """Linear warm-up then polynomial decay to 0 (the All-in-One schedule)."""
+    if total <= 0:
+        return 1.0
+    if step < warmup:
+        return (step + 1) / max(1, warmup)
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return (1.0 - progress) ** power
+
+
+def _optimizer_tensors(opt: torch.optim.Optimizer) -> dict[str, torch.Tensor]:
+    out: dict[str, torch.Tensor] = {}
+    for pid, state in opt.state_dict()["state"].items():
+        for key, value in state.items():
+            if torch.is_tensor(value):
+                out[f"optim.{pid}.{key}"] = value.detach().clone().reshape(value.shape)
+    return out
+
+
+def _load_optimizer(opt: torch.optim.Optimizer, tensors: Mapping[str, torch.Tensor]) -> None:
+    sd = opt.state_dict()
+    state: dict[int, dict[str, torch.Tensor]] = {}
+    for name, value in tensors.items():
+        if not name.startswith("optim."):
+            continue
+        _, pid, key = name.split(".", 2)
+        state.setdefault(int(pid), {})[key] = value
+    sd["state"] = state
+    opt.load_state_dict(sd)
+
+
+def train_stage1(
+    model: GlobalModel,
+    loader_factory: Any,
+    cfg: Stage1Config,
+    ckpt_dir: Path,
+    seed: int,
+    manifest_extra: Mapping[str, Any] | None = None,
+    log: Any = print,
+) -> dict[str, Any]:
+    """Train ``model`` for ``cfg.epochs``; resume from ``ckpt_dir`` when it holds a partial run.
+
+    ``loader_factory(epoch)`` returns that epoch's batches (reshuffled by a seed
+    derived from ``seed`` and the epoch, so a resumed run sees the same data).
+    Returns the training history (per-epoch loss, accuracy, seconds).
+    """
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        (no_decay if p.dim() < 2 or "embed" in name or "token" in name else decay).append(p)
+    opt = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=cfg.lr,
+    )
+    steps_per_epoch = len(loader_factory(0))
+    if cfg.max_steps_per_epoch:
+        steps_per_epoch = min(steps_per_epoch, cfg.max_steps_per_epoch)
+    total = steps_per_epoch * cfg.epochs
+    warmup = int(cfg.warmup_ratio * total)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: polynomial_decay(s, total, warmup, cfg.power))
+
+    history: list[dict[str, float]] = []
+    start_epoch = 0
+    if (ckpt_dir / "manifest.json").exists():
+        try:
+            tensors, manifest = load_checkpoint(ckpt_dir, expect_kind="stage1")
+        except CheckpointError:
+            raise
+        model.load_state_dict({k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")})
+        _load_optimizer(opt, tensors)
+        start_epoch = int(manifest["epoch"])
+        history = list(manifest.get("history", []))
+        for _ in range(start_epoch * steps_per_epoch):
+            sched.step()
+        if start_epoch >= cfg.epochs:
+            log(f"stage 1: reusing finished checkpoint {ckpt_dir} ({start_epoch} epochs)")
+            return {"history": history, "resumed_from": start_epoch, "trained_epochs": 0}
+        log(f"stage 1: resuming at epoch {start_epoch + 1}/{cfg.epochs}")
+
+    for epoch in range(start_epoch, cfg.epochs):
+        torch.manual_seed(seed * 1000 + epoch)
+        model.train()
+        t0 = time.perf_counter()
+        total_loss, correct, count = 0.0, 0, 0
+        batches: Iterable = loader_factory(epoch)
+        bar = tqdm(batches, total=steps_per_epoch, desc=f"stage 1 epoch {epoch + 1}/{cfg.epochs}",
+                   leave=False, dynamic_ncols=True)
+        for step, batch in enumerate(bar):
+            if step >= steps_per_epoch:
+                break
+            logits = model(batch)
+            loss = nn.functional.cross_entropy(logits, batch["label"], ignore_index=-100)
+            if not torch.isfinite(loss):
+                raise FloatingPointError(f"stage 1: loss became {float(loss)} at epoch {epoch + 1} step {step}")
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            if cfg.grad_clip > 0:
+                nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            opt.step()
+            sched.step()
+            valid = batch["label"] != -100
+            n = int(valid.sum())
+            total_loss += loss.item() * n
+            correct += int((logits.argmax(-1) == batch["label"])[valid].sum())
+            count += n
+            bar.set_postfix(loss=f"{total_loss / max(count, 1):.3f}", acc=f"{correct / max(count, 1):.3f}")
+        bar.close()
+        record = {
+            "epoch": epoch + 1,
+            "loss": total_loss / max(count, 1),
+            "train_accuracy": correct / max(count, 1),
+            "seconds": time.perf_counter() - t0,
+        }
+        history.append(record)
+        log(f"stage 1 epoch {epoch + 1}/{cfg.epochs}: loss {record['loss']:.4f} "
+            f"train acc {record['train_accuracy']:.3f} ({record['seconds']:.1f} s)")
+        tensors = {f"model.{k}": v.detach().contiguous() for k, v in model.state_dict().items()}
+        tensors.update(_optimizer_tensors(opt))
+        save_checkpoint(ckpt_dir, tensors, {
+            "kind": "stage1", "epoch": epoch + 1, "history": history, "config": cfg.to_dict(),
+            **(dict(manifest_extra) if manifest_extra else {}),
+        })
+    return {"history": history, "resumed_from": start_epoch, "trained_epochs": cfg.epochs - start_epoch}

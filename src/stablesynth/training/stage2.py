@@ -1,0 +1,102 @@
+"""Stage 2: the one training loop every method shares, over cached features.
+
+The loop owns the optimizer (AdamW, built once per run) and the batches; methods
+only say what their loss is (``Method.loss``) and what happens after a step.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from stablesynth.data.batch import FeatureBatch
+from stablesynth.methods.base import Method
+
+
+def paired_batches(categories: torch.Tensor, batch_size: int, generator: torch.Generator) -> Iterator[torch.Tensor]:
+    """One epoch of batches in which each drawn anchor brings one partner of its category.
+
+    Eq. 5's positives must exist in a batch; half of each batch are random anchors,
+    the other half a random same-category partner of each (itself when it is alone).
+    """
+    n = int(categories.shape[0])
+    order = torch.randperm(n, generator=generator)
+    half = max(1, batch_size // 2)
+    by_cat: dict[int, torch.Tensor] = {}
+    for c in categories.unique().tolist():
+        by_cat[int(c)] = torch.nonzero(categories == c).flatten()
+    for start in range(0, n, half):
+        anchors = order[start:start + half]
+        partners = []
+        for a in anchors.tolist():
+            pool = by_cat[int(categories[a])]
+            j = pool[torch.randint(len(pool), (1,), generator=generator)].item()
+            partners.append(j)
+        yield torch.cat([anchors, torch.tensor(partners, dtype=torch.long)])
+
+
+def train_method(
+    method: Method,
+    data: FeatureBatch,
+    epochs: int,
+    batch_size: int,
+    lr: float,
+    weight_decay: float,
+    seed: int,
+    desc: str | None = None,
+) -> dict[str, Any]:
+    """Train ``method`` on ``data`` with AdamW; returns per-epoch mean logs and seconds."""
+    torch.manual_seed(seed)
+    params = list(method.trainable_parameters())
+    history: list[dict[str, float]] = []
+    t0 = time.perf_counter()
+    if not params or epochs == 0:
+        return {"history": history, "seconds": 0.0, "steps": 0}
+    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    gen = torch.Generator().manual_seed(seed)
+    steps = 0
+    bar = tqdm(range(epochs), desc=desc or f"stage 2 {method.name}", leave=False, dynamic_ncols=True)
+    for epoch in bar:
+        sums: dict[str, float] = {}
+        count = 0
+        for idx in paired_batches(data.category, batch_size, gen):
+            logs = method.update(data.index(idx), optimizer)
+            for k, v in logs.items():
+                if v != v or v in (float("inf"), float("-inf")):
+                    raise FloatingPointError(f"{method.name}: {k} became {v} at epoch {epoch + 1}")
+                sums[k] = sums.get(k, 0.0) + v
+            count += 1
+            steps += 1
+        record = {"epoch": epoch + 1, **{k: v / max(count, 1) for k, v in sums.items()}}
+        history.append(record)
+        bar.set_postfix({k: f"{v:.3f}" for k, v in record.items() if k != "epoch"})
+    bar.close()
+    return {"history": history, "seconds": time.perf_counter() - t0, "steps": steps}
+
+
+@torch.inference_mode()
+def predict_per_sample(method: Method, data: FeatureBatch, batch_size: int = 1024) -> torch.Tensor:
+    """Per-sample mode: each clip is predicted with Θ_d generated from its own uploaded frame."""
+    method.eval()
+    out = []
+    for start in range(0, len(data), batch_size):
+        out.append(method(data.index(slice(start, start + batch_size))).argmax(-1))
+    return torch.cat(out) if out else torch.empty(0, dtype=torch.long)
+
+
+@torch.inference_mode()
+def predict_per_session(method: Method, data: FeatureBatch, session_upload: int = 0) -> torch.Tensor:
+    """Per-session mode: a device uploads one frame once and reuses Θ_d for all its clips.
+
+    ``data`` holds one device's real-time clips in capture order; clip
+    ``session_upload`` supplies the single upload.
+    """
+    method.eval()
+    first = data.index(slice(session_upload, session_upload + 1))
+    params = method.adapt(method.upload(first))
+    shared = {k: v[0] for k, v in params.items()}
+    return method.predict(data.f_g, shared).argmax(-1)

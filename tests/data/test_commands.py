@@ -1,0 +1,23 @@
+from PIL import Image
+
+from stablesynth.cli import main
+
+
+def test_data_describe_writes_png_and_table(tmp_path, capsys):
+    cfg = tmp_path / "bench.yaml"
+    cfg.write_text("n_devices: 4\nn_unseen: 1\nhistory_per_device: 20\nrealtime_per_device: 10\nseed: 3\n")
+    out = tmp_path / "out"
+    assert main(["data", "describe", "--config", str(cfg), "--out", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "UNSEEN" in text and "gains R/G/B" in text
+    png = out / "devices.png"
+    with Image.open(png) as im:
+        assert im.size[0] > 400 and im.size[1] > 200
+    assert (out / "devices.json").is_file()
+
+
+def test_data_describe_bad_config_is_one_clear_error(tmp_path, capsys):
+    cfg = tmp_path / "bad.yaml"
+    cfg.write_text("n_devices: 2\nn_unseen: 2\n")
+    assert main(["data", "describe", "--config", str(cfg), "--out", str(tmp_path)]) == 2
+    assert "n_unseen" in capsys.readouterr().err

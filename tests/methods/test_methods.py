@@ -1,0 +1,162 @@
+import pytest
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from stablesynth.config import ConfigError
+from stablesynth.data.batch import FeatureBatch
+from stablesynth.methods import METHODS, MethodConfig, create_method, default_method_config
+from stablesynth.models.device import StaticHead
+from stablesynth.registry import UnknownNameError
+
+K = 5
+ALL = ["duet", "f_hyper", "f_linear", "fine_tune", "stablesynth"]
+
+
+def _batch(n: int = 64, seed: int = 0, frames: int = 6) -> FeatureBatch:
+    g = torch.Generator().manual_seed(seed)
+    centers = torch.randn(K, 192, generator=torch.Generator().manual_seed(123)) * 2
+    label = torch.arange(n) % K
+    x = centers[label].unsqueeze(1) + torch.randn(n, frames, 192, generator=g)
+    return FeatureBatch(frames=x, label=label, category=label.clone(),
+                        device=torch.zeros(n, dtype=torch.long),
+                        upload_index=torch.randint(0, frames, (n,), generator=g),
+                        global_index=torch.randint(0, frames, (n, 3), generator=g))
+
+
+def _method(name: str, **overrides) -> torch.nn.Module:
+    torch.manual_seed(0)
+    cfg = default_method_config(name, dropout=0.0, **overrides)
+    return create_method(name, K, cfg)
+
+
+def test_registry_and_defaults():
+    assert METHODS.names() == ALL
+    assert default_method_config("duet").generator == "full"
+    assert default_method_config("stablesynth").templates
+    assert not default_method_config("f_hyper").contrastive
+    with pytest.raises(UnknownNameError, match="known"):
+        default_method_config("nope")
+
+
+def test_config_validation_names_the_key():
+    with pytest.raises(ConfigError, match="lambda_f"):
+        MethodConfig.from_dict({"lambda_f": 2.0})
+    with pytest.raises(ConfigError, match="generator"):
+        MethodConfig.from_dict({"generator": "huge"})
+    with pytest.raises(ConfigError, match="unknown key temprature"):
+        MethodConfig.from_dict({"temprature": 0.1})
+    assert MethodConfig.from_dict(MethodConfig().to_dict()) == MethodConfig()
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_shapes_and_loss_decreases(name):
+    m = _method(name, templates=True) if name == "stablesynth" else _method(name)
+    batch = _batch()
+    up = m.upload(batch)
+    params = m.adapt(up)
+    assert params["weight"].shape == (64, K, 96) and params["bias"].shape == (64, K)
+    assert m.predict(batch.f_g, params).shape == (64, K)
+    if m.adaptive:
+        assert m.driver(up).shape == (64, 96)
+    opt = torch.optim.AdamW(m.trainable_parameters(), lr=3e-3)
+    first = m.loss(batch)[0].item()
+    for _ in range(15):
+        logs = m.update(batch, opt)
+    assert isinstance(logs["ce"], float)
+    assert m.loss(batch)[0].item() < first
+
+
+def test_init_from_head_copies_the_stage1_head():
+    static = StaticHead()
+    w, b = torch.randn(K, 96), torch.randn(K)
+    batch = _batch(8)
+    expected = None
+    for name in ALL:
+        m = _method(name)
+        m.init_from_head(static, w, b)
+        m.eval()
+        logits = m(batch)
+        if expected is None:
+            static.eval()
+            expected = static(batch.f_g) @ w.T + b
+        # Every method starts as the stage-1 head (templates are empty, generators exact at W0).
+        torch.testing.assert_close(logits, expected, atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="head must be"):
+        _method("f_hyper").init_from_head(static, torch.randn(K + 1, 96), b)
+
+
+def test_trains_in_stage2_flags():
+    assert not METHODS.get("fine_tune").trains_in_stage2
+    assert all(METHODS.get(n).trains_in_stage2 for n in ALL if n != "fine_tune")
+    assert not METHODS.get("f_linear").adaptive and METHODS.get("duet").adaptive
+
+
+def test_all_modules_off_is_f_hyper():
+    off = dict(contrastive=False, variance=False, templates=False)
+    s = _method("stablesynth", **off)
+    f = _method("f_hyper")
+    batch = _batch(16)
+    s.load_state_dict(f.state_dict(), strict=False)
+    s.eval(), f.eval()
+    torch.testing.assert_close(s(batch), f(batch))
+    assert s.loss(batch)[0].item() == pytest.approx(f.loss(batch)[0].item())
+
+
+def test_stablesynth_losses_and_templates_after_step():
+    m = _method("stablesynth")
+    batch = _batch(20)
+    _, logs = m.loss(batch)
+    assert {"ce", "contrastive", "variance", "loss"} <= set(logs)
+    assert logs["loss"] == pytest.approx(logs["ce"] + logs["contrastive"] + 0.1 * logs["variance"], rel=1e-5)
+    opt = torch.optim.AdamW(m.trainable_parameters(), lr=1e-3)
+    m.update(batch, opt)
+    assert m.templates.initialised.all()
+    assert not any(p is m.templates.P for p in m.parameters())
+    assert "templates.P" in m.state_dict()
+
+
+def test_no_label_leak():
+    m = _method("stablesynth")
+    opt = torch.optim.AdamW(m.trainable_parameters(), lr=3e-3)
+    for seed in range(5):
+        m.update(_batch(32, seed=seed), opt)
+    m.eval()
+    batch = _batch(32, seed=99)
+    before = m(batch)
+    perm = torch.randperm(32, generator=torch.Generator().manual_seed(1))
+    permuted = FeatureBatch(frames=batch.frames, label=batch.label[perm], category=batch.category[perm],
+                            device=batch.device, upload_index=batch.upload_index,
+                            global_index=batch.global_index)
+    assert torch.equal(m(permuted), before)
+    # The fusion really changes the input, so the test above is not vacuous.
+    assert not torch.equal(m.fuse(batch.uploaded), batch.uploaded)
+
+
+def test_duet_upload_and_bad_input():
+    m = _method("duet")
+    assert m.upload(_batch(4)).shape == (4, 5, 192)
+    with pytest.raises(ValueError, match="only 3"):
+        m.upload(_batch(4, frames=3))
+    with pytest.raises(ValueError, match="f_g"):
+        m.predict(torch.randn(2, 191), m.adapt(m.upload(_batch(2))))
+    with pytest.raises(NotImplementedError, match="no parametric driver"):
+        _method("f_linear").driver(torch.randn(2, 192))
+
+
+def _cloud_flops(m, k: int) -> int:
+    up = torch.randn(1, 5, 192) if m.name == "duet" else torch.randn(1, 192)
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        m.generator.factors(m.driver(up))
+    return counter.get_total_flops()
+
+
+def test_cloud_step_flops_at_msrvtt_size():
+    k = 1501
+    duet = create_method("duet", k)
+    assert _cloud_flops(duet, k) >= 2 * 96 * 97 * k
+    # Few categories (e.g. question types): the label-free template choice costs 2·192·Q.
+    for gen in ("film", "lowrank"):
+        cfg = default_method_config("stablesynth", generator=gen, num_categories=4)
+        s = create_method("stablesynth", k, cfg)
+        s.templates.update(torch.randn(8, 192), torch.arange(4).repeat(2))
+        assert _cloud_flops(s, k) <= 620_000

@@ -1,0 +1,308 @@
+"""The cloud service and the device client over real HTTP on loopback, faults included."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import socket
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import numpy as np
+import pytest
+import torch
+import uvicorn
+from prometheus_client.parser import text_string_to_metric_families
+
+from stablesynth.methods.base import METHODS
+from stablesynth.methods.config import MethodConfig
+from stablesynth.serving import protocol
+from stablesynth.serving.client import DeviceClient, export_device_bundle
+from stablesynth.serving.server import CloudModel, create_app, load_cloud_model, save_cloud_model
+
+K = 13
+TOKEN = "s3cret"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class Server:
+    """A real uvicorn server on 127.0.0.1 in a background thread."""
+
+    def __init__(self, app: Any) -> None:
+        self.port = _free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="error",
+                                                    lifespan="auto"))
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+
+    def __enter__(self) -> Server:
+        self.thread.start()
+        deadline = time.monotonic() + 10
+        while not self.server.started:
+            if time.monotonic() > deadline or not self.thread.is_alive():
+                raise RuntimeError("server did not start")
+            time.sleep(0.01)
+        return self
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(10)
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+def make_method(generator: str = "film", seed: int = 0) -> Any:
+    torch.manual_seed(seed)
+    cfg = MethodConfig(generator=generator)
+    method = METHODS.get("stablesynth")(cfg, K).eval()
+    with torch.no_grad():
+        # An untrained film generator ignores the driver; random modulation makes Θ_d depend on the upload.
+        for p in method.generator.parameters():
+            p.add_(torch.randn_like(p) * 0.1)
+    return method
+
+
+@pytest.fixture(scope="module")
+def cloud() -> CloudModel:
+    cfg = MethodConfig(generator="film").to_dict()
+    return CloudModel(make_method(), "easyvqa", "7", K, "stablesynth", cfg)
+
+
+@pytest.fixture(scope="module")
+def server(cloud: CloudModel) -> Iterator[Server]:
+    with Server(create_app({"easyvqa": cloud}, token=TOKEN, max_wait_ms=5.0)) as s:
+        yield s
+
+
+@pytest.fixture(scope="module")
+def bundle(cloud: CloudModel, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return export_device_bundle(cloud, tmp_path_factory.mktemp("dev") / "bundle")
+
+
+def _feature(seed: int) -> torch.Tensor:
+    return torch.randn(192, generator=torch.Generator().manual_seed(seed))
+
+
+def _in_process(cloud: CloudModel, feature: torch.Tensor, f_g: torch.Tensor) -> tuple[dict, torch.Tensor]:
+    with torch.inference_mode():
+        params = {k: v[0] for k, v in cloud.method.adapt(feature[None]).items()}
+        logits = cloud.method.predict(f_g[None], {k: v[None] for k, v in params.items()})[0]
+    return params, logits
+
+
+@pytest.mark.parametrize("encoding", protocol.ENCODINGS)
+def test_round_trip_equals_in_process(server: Server, cloud: CloudModel, bundle: Path, tmp_path: Path,
+                                      encoding: str) -> None:
+    feature, f_g = _feature(1), _feature(2)
+    ref_params, ref_logits = _in_process(cloud, feature, f_g)
+    with DeviceClient(server.url, bundle, encoding=encoding, token=TOKEN, timeout=5,
+                      cache_dir=tmp_path) as client:
+        logits, res = client.predict(f_g, feature)
+    assert res.source == "server" and res.error is None, res.error
+    for name in ("weight", "bias"):
+        err = (res.params[name] - ref_params[name]).abs()
+        if encoding == "fp32":
+            assert torch.equal(res.params[name], ref_params[name])
+        elif encoding in ("factors", "driver"):
+            assert float(err.max()) < 1e-5
+        else:
+            assert bool((err <= protocol.max_error(encoding, ref_params[name])).all())
+    tol = {"fp32": 1e-5, "factors": 1e-4, "driver": 1e-4, "fp16": 1e-2, "int8": 5e-2}[encoding]
+    np.testing.assert_allclose(logits[0], ref_logits.numpy(), atol=tol)
+    assert res.bytes_down > 0
+    if encoding == "int8":
+        assert res.bytes_down < 97 * K * 4  # below the fp32 payload alone, header included
+
+
+def test_json_upload_and_accept_negotiation(server: Server, cloud: CloudModel) -> None:
+    feature = _feature(3)
+    headers = {"Authorization": f"Bearer {TOKEN}", "Accept": f"{protocol.MEDIA_TYPE}; encoding=fp16"}
+    r = httpx.post(f"{server.url}/v1/models/easyvqa/adapt", json={"feature": feature.tolist()},
+                   headers=headers, timeout=5)
+    assert r.status_code == 200 and r.headers["content-type"] == protocol.MEDIA_TYPE
+    tensors, header = protocol.decode(r.content, "easyvqa", "7")
+    assert header.encoding == "fp16" and r.headers["x-encoding"] == "fp16"
+    ref, _ = _in_process(cloud, feature, feature)
+    err = (tensors["weight"] - ref["weight"]).abs()
+    assert bool((err <= protocol.max_error("fp16", ref["weight"])).all())
+
+
+def test_concurrent_requests_are_batched_and_correct(server: Server, cloud: CloudModel) -> None:
+    feats = [_feature(100 + i) for i in range(24)]
+
+    async def run() -> list[httpx.Response]:
+        async with httpx.AsyncClient(base_url=server.url, timeout=10,
+                                     headers={"Authorization": f"Bearer {TOKEN}"}) as c:
+            return await asyncio.gather(*[
+                c.post("/v1/models/easyvqa/adapt", content=protocol.encode_upload(f),
+                       headers={"Content-Type": "application/octet-stream"}) for f in feats])
+
+    replies = asyncio.run(run())
+    for f, r in zip(feats, replies):
+        assert r.status_code == 200
+        got, _ = protocol.decode(r.content, "easyvqa", "7")
+        ref, _ = _in_process(cloud, f, f)
+        torch.testing.assert_close(got["weight"], ref["weight"], atol=1e-5, rtol=1e-5)
+    metrics = httpx.get(f"{server.url}/metrics", timeout=5).text
+    fams = {f.name: f for f in text_string_to_metric_families(metrics)}
+    batch = {s.name: s.value for s in fams["stablesynth_batch_size"].samples}
+    # 24 concurrent uploads must not have taken 24 model calls.
+    assert batch["stablesynth_batch_size_count"] < batch["stablesynth_batch_size_sum"]
+    assert "stablesynth_request_latency_seconds" in fams and "stablesynth_requests" in fams
+
+
+def _post(server: Server, body: bytes | None = None, *, ctype: str = "application/octet-stream",
+          token: str | None = TOKEN, path: str = "/v1/models/easyvqa/adapt",
+          **headers: str) -> httpx.Response:
+    h = {"Content-Type": ctype, **headers}
+    if token:
+        h["Authorization"] = f"Bearer {token}"
+    return httpx.post(server.url + path, content=body if body is not None else b"\0" * 768, headers=h,
+                      timeout=5)
+
+
+@pytest.mark.parametrize(("kwargs", "status", "code"), [
+    ({"body": b"\0" * 767}, 422, "bad_size"),
+    ({"body": np.full(192, np.inf, "<f4").tobytes()}, 422, "non_finite"),
+    ({"body": b'{"feature": [1, 2]}', "ctype": "application/json"}, 422, "bad_size"),
+    ({"body": b"\0" * 768, "ctype": "text/plain"}, 415, "unsupported_media_type"),
+    ({"body": b"\0" * 100_000}, 413, "too_large"),
+    ({"token": None}, 401, "unauthorized"),
+    ({"token": "wrong"}, 401, "unauthorized"),
+    ({"path": "/v1/models/nope/adapt"}, 404, "unknown_model"),
+    ({"path": "/v1/models/easyvqa/adapt?encoding=bf16"}, 422, "unsupported_encoding"),
+    ({"X-Model-Version": "6"}, 409, "version_mismatch"),
+    ({"path": "/v1/noop", "body": b"\0" * 10}, 422, "bad_size"),
+])
+def test_bad_requests_get_documented_errors(server: Server, kwargs: dict, status: int, code: str) -> None:
+    r = _post(server, **kwargs)
+    assert r.status_code == status, r.text
+    assert r.json()["error"] == code and r.json()["detail"]
+
+
+def test_noop_models_health_openapi(server: Server) -> None:
+    x = _feature(5)
+    r = _post(server, protocol.encode_upload(x), path="/v1/noop")
+    assert r.status_code == 200 and np.array_equal(np.frombuffer(r.content, "<f4"), x.numpy())
+    auth = {"Authorization": f"Bearer {TOKEN}"}
+    models = httpx.get(f"{server.url}/v1/models", headers=auth, timeout=5).json()
+    assert models["models"][0]["id"] == "easyvqa" and models["models"][0]["version"] == "7"
+    assert httpx.get(f"{server.url}/healthz", timeout=5).json()["status"] == "ok"
+    assert httpx.get(f"{server.url}/readyz", timeout=5).status_code == 200
+    spec = httpx.get(f"{server.url}/openapi.json", timeout=5).json()
+    op = spec["paths"]["/v1/models/{model}/adapt"]["post"]
+    assert "application/octet-stream" in op["requestBody"]["content"]
+    assert protocol.MEDIA_TYPE in op["responses"]["200"]["content"]
+    assert "ErrorBody" in json.dumps(op["responses"]["422"])
+
+
+# ----------------------------------------------------------------------------- faults
+
+
+class Misbehaving:
+    """A loopback ASGI app that answers adapt requests with a damaged copy of a real frame."""
+
+    def __init__(self, cloud: CloudModel, mutate: Callable[[bytes], bytes], delay: float = 0.0) -> None:
+        self.cloud, self.mutate, self.delay, self.calls = cloud, mutate, delay, 0
+
+    async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
+        if scope["type"] == "lifespan":
+            while True:
+                msg = await receive()
+                if msg["type"] == "lifespan.startup":
+                    await send({"type": "lifespan.startup.complete"})
+                else:
+                    await send({"type": "lifespan.shutdown.complete"})
+                    return
+        body = b""
+        while True:
+            msg = await receive()
+            body += msg.get("body", b"")
+            if not msg.get("more_body"):
+                break
+        self.calls += 1
+        if self.delay:
+            await asyncio.sleep(self.delay)
+        upload = protocol.decode_upload(body, "application/octet-stream")[None]
+        tensors = self.cloud.compute(upload, "fp32")[0]
+        frame = self.mutate(protocol.encode(tensors, "fp32", self.cloud.model_id, self.cloud.version))
+        await send({"type": "http.response.start", "status": 200,
+                    "headers": [(b"content-type", protocol.MEDIA_TYPE.encode())]})
+        await send({"type": "http.response.body", "body": frame})
+
+
+def _flip(data: bytes) -> bytes:
+    b = bytearray(data)
+    b[len(b) // 2] ^= 0x40
+    return bytes(b)
+
+
+def _other_version(cloud: CloudModel) -> Callable[[bytes], bytes]:
+    def mutate(data: bytes) -> bytes:
+        tensors, _ = protocol.decode(data)
+        return protocol.encode(tensors, "fp32", cloud.model_id, "8")
+    return mutate
+
+
+@pytest.mark.parametrize(("name", "mutate", "delay", "expect"), [
+    ("corrupt", _flip, 0.0, "ChecksumMismatch"),
+    ("truncated", lambda d: d[: len(d) - 100], 0.0, "Truncated"),
+    ("slow", lambda d: d, 1.0, "timeout"),
+    ("wrong_version", None, 0.0, "ModelMismatch"),
+])
+def test_faulty_server_falls_back(cloud: CloudModel, bundle: Path, tmp_path: Path, name: str,
+                                  mutate: Callable | None, delay: float, expect: str) -> None:
+    app = Misbehaving(cloud, mutate or _other_version(cloud), delay)
+    feature, f_g = _feature(11), _feature(12)
+    with Server(app) as srv, DeviceClient(srv.url, bundle, timeout=0.3, retries=1, backoff_s=0.01,
+                                          cache_dir=tmp_path) as client:
+        t0 = time.perf_counter()
+        logits, res = client.predict(f_g, feature)
+        elapsed = time.perf_counter() - t0
+    assert res.source == "global" and expect in (res.error or ""), res.error
+    assert torch.equal(res.params["weight"], client.bundle.global_params["weight"])
+    assert np.isfinite(logits).all() and logits.shape == (1, K)
+    # Retries are bounded: a version mismatch is final, the others get exactly 1 + retries attempts.
+    assert app.calls == (1 if name == "wrong_version" else 2)
+    assert elapsed < 3.0
+
+
+def test_server_stopped_mid_run_uses_cache(cloud: CloudModel, bundle: Path, tmp_path: Path) -> None:
+    app = create_app({"easyvqa": cloud})
+    srv = Server(app).__enter__()
+    feature, f_g = _feature(21), _feature(22)
+    client = DeviceClient(srv.url, bundle, timeout=1.0, retries=1, backoff_s=0.01, cache_dir=tmp_path)
+    first = client.adapt(feature)
+    assert first.source == "server"
+    srv.stop()
+    logits, second = client.predict(f_g, _feature(23))
+    assert second.source == "cache" and "unreachable" in (second.error or "")
+    for name in ("weight", "bias"):  # nothing lost: exactly the last good parameters
+        assert torch.equal(second.params[name], first.params[name])
+    assert np.isfinite(logits).all()
+    # A corrupted cache file is not trusted: the bundle's global parameters take over.
+    client.cache_path.write_bytes(b"garbage")
+    third = client.adapt(feature)
+    assert third.source == "global" and "cache unreadable" in (third.error or "")
+    client.close()
+
+
+def test_checkpoint_round_trip_serves_same_parameters(tmp_path: Path) -> None:
+    method = make_method(seed=3)
+    ckpt = save_cloud_model(tmp_path / "ckpt", method, "easyvqa", "v9")
+    loaded = load_cloud_model(ckpt)
+    assert (loaded.model_id, loaded.version, loaded.num_classes) == ("easyvqa", "v9", K)
+    x = torch.randn(4, 192)
+    with torch.inference_mode():
+        a, b = method.adapt(x), loaded.method.adapt(x)
+    assert all(torch.equal(a[k], b[k]) for k in a)
