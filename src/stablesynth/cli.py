@@ -18,6 +18,7 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 COMMAND_MODULES = (
     "stablesynth.data.commands",
     "stablesynth.training.commands",
+    "stablesynth.training.dataset_commands",
     "stablesynth.evaluation.commands",
     "stablesynth.serving.commands",
     "stablesynth.bench.commands",

@@ -29,7 +29,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 import stablesynth
-import stablesynth.methods  # noqa: F401  (fills the method registry)
+import stablesynth.methods
 from stablesynth.config import Config, ConfigError, require
 from stablesynth.data.batch import FeatureBatch
 from stablesynth.data.benchmark import BenchmarkConfig, DeviceBenchmark, devices_grid_png, make_loader
@@ -41,7 +41,13 @@ from stablesynth.methods.base import METHODS, Method
 from stablesynth.methods.config import default_method_config
 from stablesynth.models.encoder import ENCODERS, create_model
 from stablesynth.training.checkpoint import CheckpointError, load_module_state, read_manifest, save_module
-from stablesynth.training.features import extract_features, load_features, module_fingerprint, to_feature_batch
+from stablesynth.training.features import (
+    FeatureCacheError,
+    extract_features,
+    load_features,
+    module_fingerprint,
+    to_feature_batch,
+)
 from stablesynth.training.stage1 import GlobalModel, Stage1Config, train_stage1
 from stablesynth.training.stage2 import predict_per_sample, predict_per_session, train_method
 
@@ -171,9 +177,25 @@ class Run:
         self.features: dict[str, FeatureBatch] = {}
         self.stage1_info: dict[str, Any] = {}
 
+    def _stage1_fields(self) -> dict[str, Any]:
+        return {"encoder": self.cfg.encoder, "encoder_overrides": self.cfg.encoder_overrides,
+                "benchmark": self.bench.fingerprint(), "num_classes": self.K, "seed": self.cfg.seed}
+
     def stage1(self) -> None:
         t = time.perf_counter()
         cfg = self.cfg
+        ckpt = self.out / "stage1"
+        if (ckpt / "manifest.json").exists():
+            try:
+                old = read_manifest(ckpt)
+            except CheckpointError as exc:
+                old = {"error": str(exc)}
+            wanted = {**self._stage1_fields(), "config": cfg.stage1.to_dict()}
+            stale = sorted(k for k, v in wanted.items() if old.get(k) != v)
+            # An interrupted run with the same inputs resumes; anything else starts over.
+            if stale:
+                self.log(f"stage 1: {ckpt} was trained with other {', '.join(stale)}; training again")
+                shutil.rmtree(ckpt)
 
         def loader(epoch: int):
             return make_loader(self.bench, "history", "seen", batch_size=cfg.stage1.batch_size, shuffle=True,
@@ -181,8 +203,7 @@ class Run:
 
         self.stage1_info = train_stage1(
             self.model, loader, cfg.stage1, self.out / "stage1", cfg.seed,
-            manifest_extra={"encoder": cfg.encoder, "encoder_overrides": cfg.encoder_overrides,
-                            "benchmark": self.bench.fingerprint(), "num_classes": self.K},
+            manifest_extra=self._stage1_fields(),
             log=self.log,
         )
         self.stage1_info["seconds"] = time.perf_counter() - t
@@ -194,12 +215,22 @@ class Run:
         n_batches = math.ceil(len(rows) / cfg.eval_batch_size)
         key = {"encoder": module_fingerprint(encoder), "benchmark": self.bench.fingerprint(), "split": split,
                "devices": devices, "clean": clean, "clips": len(rows)}
-        path = extract_features(
-            encoder,
-            lambda: make_loader(self.bench, split, devices, batch_size=cfg.eval_batch_size, clean=clean),
-            n_batches, self.out / "features" / f"{tag}-{split}{'-clean' if clean else ''}", key,
-            desc=f"features {tag}/{split}{' (clean)' if clean else ''}",
-        )
+        cache_dir = self.out / "features" / f"{tag}-{split}{'-clean' if clean else ''}"
+
+        def extract() -> Path:
+            return extract_features(
+                encoder,
+                lambda: make_loader(self.bench, split, devices, batch_size=cfg.eval_batch_size, clean=clean),
+                n_batches, cache_dir, key, desc=f"features {tag}/{split}{' (clean)' if clean else ''}",
+            )
+
+        try:
+            path = extract()
+        except FeatureCacheError as exc:
+            # Stale: the encoder or the clips changed since it was written. Its rows are worthless now.
+            self.log(f"rebuilding {cache_dir}: {exc}")
+            shutil.rmtree(cache_dir)
+            path = extract()
         return load_features(path)
 
     def cache_features(self) -> None:
@@ -223,8 +254,11 @@ class Run:
 
     # -- methods ---------------------------------------------------------------------------
 
-    def build_method(self, name: str, num_classes: int | None = None) -> Method:
+    def build_method(self, name: str, num_classes: int | None = None,
+                     overrides: dict[str, Any] | None = None) -> Method:
         mcfg = self.cfg.method_config(name)
+        if overrides:
+            mcfg = mcfg.replace(**overrides)
         if mcfg.category != "answer" and mcfg.num_categories is None:
             mcfg = mcfg.replace(num_categories=self.bench.num_categories(mcfg.category))
         method = METHODS.get(name)(mcfg, num_classes or self.K)
@@ -366,6 +400,12 @@ def _paper_k(preset: str) -> int:
 def _paper_flops(run: Run, name: str, upload: torch.Tensor, paper_K: int) -> int:
     """Cloud-step FLOPs of the same method at the paper's label count (untrained weights suffice)."""
     big = run.build_method(name, num_classes=paper_K)
+    templates = getattr(big, "templates", None)
+    if templates is not None and big.cfg.templates:
+        # A trained model has every template; an empty bank would skip the selection and under-count.
+        with torch.no_grad():
+            templates.P.normal_()
+            templates.initialised.fill_(True)
     big.eval()
     return count_flops(big.adapt, upload)
 
@@ -462,11 +502,9 @@ def run_pipeline(cfg: RunConfig, out: Path, reuse: bool = True, log: Callable[[s
 
 
 def _payload_rows() -> list[dict[str, Any]]:
-    try:
-        from stablesynth.bench.payload import payload_rows_for_report
-    except ImportError:
-        return []
-    return payload_rows_for_report()
+    from stablesynth.bench.payload import payload_table
+
+    return payload_table()
 
 
 def write_outputs(results: dict[str, Any], out: Path) -> None:

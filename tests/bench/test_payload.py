@@ -70,3 +70,26 @@ def test_format_and_main(capsys):
     assert payload_main(None, as_json=False) == 0
     out = capsys.readouterr().out
     assert "msrvtt-mc" in out and "easyvqa" in out
+
+
+def test_presets_hold_the_papers_settings():
+    from stablesynth.presets import TaskPreset, preset_names
+
+    assert set(preset_names()) >= {"msrvtt-qa", "msvd-qa", "tgif-frameqa", "msrvtt-mc", "msrvtt-ret", "easyvqa"}
+    qa = get_preset("msrvtt-qa")
+    assert (qa.task, qa.num_classes, qa.driver_dim, qa.encoder, qa.frames, qa.text_len, qa.image_size) == (
+        "open_qa", 1501, 96, "allinone-ti", 3, 40, 224)
+    assert (qa.stage1_lr, qa.stage1_epochs, qa.stage2_lr, qa.stage2_epochs) == (2e-5, 10, 1e-4, 40)
+    assert qa.paper.accuracy["stablesynth"] == 36.9 and qa.paper.duet["duet"]["latency_s"] == 1.80
+    mc = get_preset("msrvtt-mc")
+    assert (mc.task, mc.num_classes, mc.num_candidates) == ("mc_qa", 1, 5)
+    assert mc.paper.accuracy["fine_tune"] == 75.6
+    ret = get_preset("msrvtt-ret")
+    assert ret.driver_dim == 256 and ret.paper.retrieval["stablesynth"]["TR@10"] == 33.1
+    ez = get_preset("easyvqa")
+    assert (ez.num_classes, ez.encoder) == (13, "allinone-cpu")
+    with pytest.raises(TypeError):
+        qa.paper.accuracy["stablesynth"] = 99.0  # shared figures are read-only
+    with pytest.raises(ValueError, match="num_classes"):
+        TaskPreset(name="bad", task="open_qa", num_classes=0, description="")
+    assert qa.replace(image_size=64).image_size == 64 and qa.image_size == 224

@@ -11,6 +11,7 @@ from stablesynth.data.benchmark import (
     DeviceBenchmark,
     make_loader,
 )
+from stablesynth.data.devices import CaptureProfile, capture_clips
 from stablesynth.data.easyvqa import load_easyvqa
 
 SMALL = dict(n_devices=5, n_unseen=2, history_per_device=40, realtime_per_device=16)
@@ -22,8 +23,10 @@ def bench() -> DeviceBenchmark:
 
 
 def _tables_equal(a, b) -> bool:
-    return all(torch.equal(getattr(a, k), getattr(b, k)) for k in
-               ("sample_id", "device", "image", "question", "label", "jitter_seed", "upload_index", "global_index"))
+    return all(
+        torch.equal(getattr(a, k), getattr(b, k))
+        for k in ("sample_id", "device", "image", "question", "label", "jitter_seed", "upload_index", "global_index")
+    )
 
 
 def test_same_seed_identical_other_seed_different(bench):
@@ -156,3 +159,43 @@ def test_helpers_and_errors(bench):
         make_loader(bench, "history", devices=[99])
     with pytest.raises(IndexError):
         bench.batch("history", [10_000])
+
+
+# easy-VQA's palette (gen_data/generate_data.py draws shapes in these RGB colours)
+PALETTE = {
+    "red": (255, 0, 0),
+    "green": (0, 255, 0),
+    "blue": (0, 0, 255),
+    "black": (0, 0, 0),
+    "gray": (128, 128, 128),
+    "teal": (0, 128, 128),
+    "brown": (165, 42, 42),
+    "yellow": (255, 255, 0),
+}
+
+
+def test_default_casts_flip_colour_answers_for_a_cast_blind_reader():
+    """The shift must change the right answer's look: reading the shape's colour off the pixels
+    with the clean palette is near perfect on clean frames and fails on some devices."""
+    b = DeviceBenchmark.build(BenchmarkConfig(history_per_device=60, realtime_per_device=4))
+    t = b.samples("history")
+    rows = (t.question_type == 1).nonzero().squeeze(1)
+    images = b.data.train.images[t.image[rows]]
+    seeds = t.jitter_seed[rows]
+    identity = CaptureProfile.identity().to_tensor().expand(len(rows), -1).contiguous()
+    clean = capture_clips(images, identity, seeds, 1, 64, None)[:, 0]
+    shot = capture_clips(images, b.profile_params("history")[t.device[rows]], seeds, 1, 64, None)[:, 0]
+    mask = ((clean - clean[:, :, :1, :1]).abs().sum(1, keepdim=True) > 0.3).float()
+    palette = torch.tensor(list(PALETTE.values()), dtype=torch.float32) / 255
+    names = torch.tensor([b.answer_names.index(k) for k in PALETTE])
+
+    def read(x):
+        colour = (x * mask).sum((2, 3)) / mask.sum((2, 3)).clamp_min(1)
+        return names[torch.cdist(colour, palette).argmin(1)]
+
+    label, dev = t.label[rows], t.device[rows]
+    assert (read(clean) == label).float().mean() > 0.97
+    hit = read(shot) == label
+    assert hit.float().mean() < 0.95
+    per_device = [float(hit[dev == d].float().mean()) for d in range(b.cfg.n_devices) if (dev == d).any()]
+    assert min(per_device) < 0.85

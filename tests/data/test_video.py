@@ -5,6 +5,8 @@ import numpy as np
 import pytest
 import torch
 
+from stablesynth.config import ConfigError
+from stablesynth.data.formats import MCRecord, QARecord
 from stablesynth.data.video import (
     DEIT_MEAN,
     DEIT_STD,
@@ -16,6 +18,15 @@ from stablesynth.data.video import (
     read_frames,
     sample_indices,
 )
+from stablesynth.data.video_dataset import (
+    CLIP_KEYS,
+    VideoDatasetConfig,
+    VideoMCDataset,
+    VideoQADataset,
+    collate_clips,
+    hash_bucket,
+)
+from stablesynth.presets import get_preset
 
 COLOURS = np.array([[255, 0, 0], [0, 255, 0], [0, 0, 255], [255, 255, 255]], dtype=np.uint8)
 
@@ -134,19 +145,6 @@ def test_preprocess_resizes_and_normalises():
 
 
 # ---------------------------------------------------------------- datasets over decoded clips
-
-from stablesynth.config import ConfigError  # noqa: E402
-from stablesynth.data.batch import FeatureBatch  # noqa: E402, F401 - the batch contract these items feed
-from stablesynth.data.formats import MCRecord, QARecord  # noqa: E402
-from stablesynth.data.video_dataset import (  # noqa: E402
-    CLIP_KEYS,
-    VideoDatasetConfig,
-    VideoMCDataset,
-    VideoQADataset,
-    collate_clips,
-    hash_bucket,
-)
-from stablesynth.presets import get_preset  # noqa: E402
 
 
 def fake_encode(texts, max_length):

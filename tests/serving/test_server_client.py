@@ -306,3 +306,18 @@ def test_checkpoint_round_trip_serves_same_parameters(tmp_path: Path) -> None:
     with torch.inference_mode():
         a, b = method.adapt(x), loaded.method.adapt(x)
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_cli_export_and_predict(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from stablesynth.cli import main
+
+    ckpt = save_cloud_model(tmp_path / "ckpt", make_method(seed=4), "easyvqa", "v2")
+    assert main(["device", "export", "--checkpoint", str(ckpt), "--out", str(tmp_path / "bundle")]) == 0
+    frames = np.random.default_rng(0).standard_normal((3, 192)).astype(np.float32)
+    np.save(tmp_path / "clip.npy", frames)
+    with Server(create_app({"easyvqa": load_cloud_model(ckpt)})) as srv:
+        capsys.readouterr()
+        assert main(["device", "predict", "--server", srv.url, "--bundle", str(tmp_path / "bundle"),
+                     "--feature-file", str(tmp_path / "clip.npy"), "--encoding", "factors"]) == 0
+    out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert out["source"] == "server" and out["model"] == "easyvqa@v2" and 0 <= out["prediction"] < K

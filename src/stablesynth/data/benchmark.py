@@ -17,7 +17,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -27,7 +27,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from stablesynth.config import Config, ConfigError, require
+from stablesynth.config import Config, require
 from stablesynth.data.devices import (
     CaptureProfile,
     DeviceSpec,
@@ -62,6 +62,9 @@ BATCH_KEYS: tuple[str, ...] = (
 # Purposes of the independent random streams derived from the seed; adding clips to one
 # split never changes the devices or the other split.
 _STREAM_DEVICES, _STREAM_HISTORY, _STREAM_REALTIME = 0, 1, 2
+
+# Bump when rendering or sampling changes what a config produces, so cached features go stale.
+RENDER_VERSION = 1
 
 
 def default_config_path() -> Path:
@@ -249,16 +252,15 @@ def normalise_frames(frames: torch.Tensor) -> torch.Tensor:
 class DeviceBenchmark:
     """Devices plus their history and real-time clips; builds loader batches."""
 
-    def __init__(self, cfg: BenchmarkConfig, data: EasyVQA, devices: list[DeviceSpec],
-                 splits: dict[str, ClipTable]) -> None:
+    def __init__(
+        self, cfg: BenchmarkConfig, data: EasyVQA, devices: list[DeviceSpec], splits: dict[str, ClipTable]
+    ) -> None:
         self.cfg = cfg
         self.data = data
         self.devices = devices
         self.splits = splits
         self._tokens: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
-        self._params = {
-            s: torch.stack([dev.profile(s).to_tensor() for dev in devices]) for s in BENCH_SPLITS
-        }
+        self._params = {s: torch.stack([dev.profile(s).to_tensor() for dev in devices]) for s in BENCH_SPLITS}
 
     @classmethod
     def build(cls, cfg: BenchmarkConfig | None = None, data: EasyVQA | None = None) -> DeviceBenchmark:
@@ -276,10 +278,18 @@ class DeviceBenchmark:
             cfg.ranges(),
             cfg.drift,
         )
-        history = _draw_split(np.random.default_rng([cfg.seed, _STREAM_HISTORY]), cfg, data, devices,
-                              "history", cfg.history_per_device, 0)
-        realtime = _draw_split(np.random.default_rng([cfg.seed, _STREAM_REALTIME]), cfg, data, devices,
-                               "realtime", cfg.realtime_per_device, len(history))
+        history = _draw_split(
+            np.random.default_rng([cfg.seed, _STREAM_HISTORY]), cfg, data, devices, "history", cfg.history_per_device, 0
+        )
+        realtime = _draw_split(
+            np.random.default_rng([cfg.seed, _STREAM_REALTIME]),
+            cfg,
+            data,
+            devices,
+            "realtime",
+            cfg.realtime_per_device,
+            len(history),
+        )
         return cls(cfg, data, devices, {"history": history, "realtime": realtime})
 
     # ----- metadata -------------------------------------------------------------------------
@@ -305,8 +315,8 @@ class DeviceBenchmark:
         return list(QUESTION_TYPES)
 
     def fingerprint(self) -> str:
-        """A short hash of the config: caches of this benchmark's features key on it."""
-        blob = json.dumps(self.cfg.to_dict(), sort_keys=True).encode()
+        """A short hash of the config and the rendering version: feature caches key on it."""
+        blob = json.dumps({"config": self.cfg.to_dict(), "render": RENDER_VERSION}, sort_keys=True).encode()
         return hashlib.sha256(blob).hexdigest()[:16]
 
     def _table(self, split: str) -> ClipTable:
@@ -342,8 +352,7 @@ class DeviceBenchmark:
         the order a non-shuffled loader yields them."""
         return self._table(split).index(self.rows(split, devices))
 
-    def category(self, kind: str, split: str = "history",
-                 devices: Sequence[int] | str | None = None) -> torch.Tensor:
+    def category(self, kind: str, split: str = "history", devices: Sequence[int] | str | None = None) -> torch.Tensor:
         """Per-clip category of ``kind`` ('answer', 'question_type', 'device'), aligned with :meth:`samples`."""
         t = self.samples(split, devices)
         if kind == "answer":
@@ -493,9 +502,6 @@ class ClipDataset(Dataset):
     def collate(self, rows: list[int]) -> dict[str, torch.Tensor]:
         return self.benchmark.batch(self.split, torch.tensor(rows, dtype=torch.long), clean=self.clean)
 
-    def __iter__(self) -> Iterator[int]:
-        return iter(self.rows.tolist())
-
 
 def make_loader(
     benchmark: DeviceBenchmark,
@@ -535,12 +541,7 @@ def make_loader(
 
 def load_config(path: str | Path | None = None) -> BenchmarkConfig:
     """A benchmark config from ``path``, or the packaged default."""
-    if path is None:
-        return BenchmarkConfig.default()
-    try:
-        return BenchmarkConfig.from_file(path)
-    except ConfigError:
-        raise
+    return BenchmarkConfig.default() if path is None else BenchmarkConfig.from_file(path)
 
 
 def devices_grid_png(
@@ -566,8 +567,9 @@ def devices_grid_png(
     n_dev = len(benchmark.devices)
     images = train.images[scenes]
     seeds = torch.zeros(len(scenes), dtype=torch.long)
-    clean = capture_clips(images, CaptureProfile.identity().to_tensor().expand(len(scenes), -1).contiguous(),
-                          seeds, 1, size, None)[:, 0]
+    clean = capture_clips(
+        images, CaptureProfile.identity().to_tensor().expand(len(scenes), -1).contiguous(), seeds, 1, size, None
+    )[:, 0]
     rows = []  # (label, [n_dev] images)
     for s_i, s in enumerate(scenes):
         for split in BENCH_SPLITS:
@@ -576,8 +578,7 @@ def devices_grid_png(
             frames = capture_clips(imgs, params, torch.arange(n_dev, dtype=torch.long) + 7919 * s, 1, size, None)
             rows.append((f"{_scene_label(benchmark, s)}\n{split}", clean[s_i], frames[:, 0]))
 
-    fig, axes = plt.subplots(len(rows), n_dev + 1, figsize=(1.25 * (n_dev + 1), 1.45 * len(rows) + 0.4),
-                             squeeze=False)
+    fig, axes = plt.subplots(len(rows), n_dev + 1, figsize=(1.25 * (n_dev + 1), 1.45 * len(rows) + 0.4), squeeze=False)
     for r, (label, ref, frames) in enumerate(rows):
         axes[r, 0].imshow(ref.permute(1, 2, 0).numpy())
         axes[r, 0].set_ylabel(label, fontsize=7)

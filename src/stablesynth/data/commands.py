@@ -30,26 +30,40 @@ def _fmt(v: float) -> str:
 
 def format_table(stats: list[dict[str, Any]]) -> str:
     """The rows of :meth:`DeviceBenchmark.describe` as a fixed-width text table."""
-    header = ["dev", "set", "gains R/G/B", "gamma", "contr", "bright", "noise", "blur", "drift", "skew (top 3)",
-              "hist", "real"]
+    header = [
+        "dev",
+        "set",
+        "gains R/G/B",
+        "gamma",
+        "contr",
+        "bright",
+        "noise",
+        "blur",
+        "drift",
+        "skew (top 3)",
+        "hist",
+        "real",
+    ]
     lines = []
     for s in stats:
         p = s["history_profile"]
         skew = ", ".join(f"{k} {v:.2f}" for k, v in s["skew_top"].items())
-        lines.append([
-            str(s["device"]),
-            "seen" if s["seen"] else "UNSEEN",
-            "/".join(_fmt(p[k]) for k in ("gain_r", "gain_g", "gain_b")),
-            _fmt(p["gamma"]),
-            _fmt(p["contrast"]),
-            f"{p['brightness']:+.2f}",
-            f"{p['noise_std']:.3f}",
-            _fmt(p["blur_sigma"]),
-            f"{s['drift']:.3f}",
-            skew,
-            str(s["history_clips"]),
-            str(s["realtime_clips"]),
-        ])
+        lines.append(
+            [
+                str(s["device"]),
+                "seen" if s["seen"] else "UNSEEN",
+                "/".join(_fmt(p[k]) for k in ("gain_r", "gain_g", "gain_b")),
+                _fmt(p["gamma"]),
+                _fmt(p["contrast"]),
+                f"{p['brightness']:+.2f}",
+                f"{p['noise_std']:.3f}",
+                _fmt(p["blur_sigma"]),
+                f"{s['drift']:.3f}",
+                skew,
+                str(s["history_clips"]),
+                str(s["realtime_clips"]),
+            ]
+        )
     widths = [max(len(h), *(len(r[i]) for r in lines)) for i, h in enumerate(header)]
     out = ["  ".join(h.ljust(w) for h, w in zip(header, widths)).rstrip()]
     out.append("  ".join("-" * w for w in widths))

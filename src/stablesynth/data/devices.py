@@ -69,8 +69,7 @@ class CaptureProfile:
         return cls()
 
     def as_tuple(self) -> tuple[float, ...]:
-        return (*map(float, self.gains), self.gamma, self.contrast, self.brightness, self.noise_std,
-                self.blur_sigma)
+        return (*map(float, self.gains), self.gamma, self.contrast, self.brightness, self.noise_std, self.blur_sigma)
 
     def to_tensor(self) -> torch.Tensor:
         """The profile as a float32 ``[PROFILE_DIM]`` row (order: :data:`PROFILE_FIELDS`)."""
@@ -81,8 +80,9 @@ class CaptureProfile:
         v = [float(x) for x in (row.tolist() if isinstance(row, torch.Tensor) else row)]
         if len(v) != PROFILE_DIM:
             raise ValueError(f"a profile row has {PROFILE_DIM} values, got {len(v)}")
-        return cls(gains=(v[0], v[1], v[2]), gamma=v[3], contrast=v[4], brightness=v[5], noise_std=v[6],
-                   blur_sigma=v[7])
+        return cls(
+            gains=(v[0], v[1], v[2]), gamma=v[3], contrast=v[4], brightness=v[5], noise_std=v[6], blur_sigma=v[7]
+        )
 
     def to_dict(self) -> dict[str, float]:
         return dict(zip(PROFILE_FIELDS, self.as_tuple()))
@@ -116,9 +116,7 @@ def _broadcast_params(params: torch.Tensor, lead: torch.Size) -> torch.Tensor:
     return params.reshape(*p_lead, *([1] * extra), PROFILE_DIM).expand(*lead, PROFILE_DIM)
 
 
-def apply_profiles(
-    frames: torch.Tensor, params: torch.Tensor, noise: torch.Tensor | None = None
-) -> torch.Tensor:
+def apply_profiles(frames: torch.Tensor, params: torch.Tensor, noise: torch.Tensor | None = None) -> torch.Tensor:
     """Render ``frames [..., 3, H, W]`` (values in [0, 1]) through one capture profile per image.
 
     ``params`` holds :class:`CaptureProfile` rows ``[*lead', PROFILE_DIM]`` whose leading dims

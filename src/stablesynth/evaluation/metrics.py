@@ -79,11 +79,9 @@ def per_device_summary(acc_by_device: Mapping[int, float], seen: set[int] | froz
     Returned as ``{"all": stats, "seen": stats, "unseen": stats}`` where a device is
     "seen" when its id is in ``seen`` (it had history samples in training). Devices
     with a NaN accuracy (no answerable question) are left out and counted in
-    ``"skipped"``. Empty groups report ``n = 0`` and NaN statistics.
+    ``"skipped"``; ids in ``seen`` without an entry are simply absent. Empty groups
+    report ``n = 0`` and NaN statistics.
     """
-    unknown = set(seen) - set(acc_by_device)
-    if unknown:
-        raise ValueError(f"seen devices {sorted(unknown)} have no accuracy in acc_by_device")
     kept = {int(d): float(a) for d, a in acc_by_device.items() if not math.isnan(float(a))}
     out: dict[str, Any] = {
         "all": _group_stats(list(kept.values())),

@@ -8,7 +8,7 @@ from typing import Any
 import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
+import matplotlib.pyplot as plt
 
 
 def _labels(results: dict[str, Any]) -> list[str]:
@@ -50,7 +50,7 @@ def per_device_accuracy(results: dict[str, Any], path: Path, mode: str = "per_sa
 def accuracy_vs_cost(results: dict[str, Any], path: Path) -> Path:
     """Two panels: mean accuracy against bytes downloaded (fp32) and against cloud FLOPs."""
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
-    for name, m in results["methods"].items():
+    for m in results["methods"].values():
         acc = 100 * m["accuracy"]["per_sample"]["all"]["mean"]
         down = m["bytes"]["down"]
         points = [("fp32", down["fp32"])]

@@ -268,15 +268,7 @@ def render_report(results: dict[str, Any], ablation: dict[str, Any] | None = Non
                 lines.append(f"| {m['label']} | ↓ {enc} | {_kb(nbytes)} | "
                              + " | ".join(_ms(transfer_ms(nbytes, bw)) for bw in BANDWIDTHS) + " |")
     if results.get("payload"):
-        lines += ["", "### The paper's presets", "", "Computed for the paper's label sizes; paper figures beside.", "",
-                  "| preset | K | ↓ fp32 | paper ↓ | ↓ fp16 | ↓ int8 | ↓ factors | ↓ driver | fp32 @100 MB/s | paper |",
-                  "|---|---|---|---|---|---|---|---|---|---|"]
-        for r in results["payload"]:
-            lines.append(
-                f"| {r['preset']} | {r['K']} | {_kb(r['fp32'])} | {r.get('paper_kb') or '—'} KB | {_kb(r['fp16'])} "
-                f"| {_kb(r['int8'])} | {_kb(r['factors']) if r.get('factors') else '—'} | {_kb(r['driver'])} "
-                f"| {_ms(transfer_ms(r['fp32'], 100))} | {r.get('paper_ms_100') or '—'} ms |"
-            )
+        lines += render_payload(results["payload"])
     lines += ["", "## Cost of each method", "",
               "| method | cloud params | cloud FLOPs per upload | stage-2 training |", "|---|---|---|---|"]
     for m in methods.values():
@@ -287,6 +279,31 @@ def render_report(results: dict[str, Any], ablation: dict[str, Any] | None = Non
     if ablation:
         lines += render_ablation(ablation)
     return "\n".join(lines) + "\n"
+
+
+def render_payload(rows: list[dict[str, Any]]) -> list[str]:
+    """The paper presets' bytes per encoding, fp32 next to the paper's Table 5."""
+    by_preset: dict[str, dict[str, Any]] = {}
+    for r in rows:
+        by_preset.setdefault(r["preset"], {"K": r["K"]})[r["encoding"]] = r
+    encodings = [e for e in ("fp32", "fp16", "int8", "film", "lowrank", "driver-fp32", "driver-int8")
+                 if any(e in p for p in by_preset.values())]
+    lines = ["", "### The paper's presets", "",
+             "Download per adaptation for the paper's label sizes (computed, not measured); upload is "
+             "0.75 KB everywhere. `film` / `lowrank`: factors sent when the device caches W0.", "",
+             "| preset | K | " + " | ".join(f"↓ {e}" for e in encodings) + " | paper ↓ | fp32 @100 MB/s | paper |",
+             "|---|---|" + "---|" * len(encodings) + "---|---|---|"]
+    for name, p in by_preset.items():
+        fp32 = p.get("fp32", {})
+        paper_ms = (fp32.get("paper_ms_down") or {})
+        paper_100 = paper_ms.get(100.0, paper_ms.get("100.0"))
+        lines.append(
+            f"| {name} | {p['K']} | " + " | ".join(_kb(p[e]["bytes_down"]) if e in p else "—" for e in encodings)
+            + f" | {fp32.get('paper_kb_down') or '—'} KB | "
+            + (_ms(transfer_ms(fp32["bytes_down"], 100)) if fp32 else "—")
+            + f" | {(str(paper_100) + ' ms') if paper_100 else '—'} |"
+        )
+    return lines
 
 
 def render_ablation(ablation: dict[str, Any]) -> list[str]:

@@ -24,8 +24,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     serve.add_argument("--port", type=int, default=8000)
     serve.add_argument("--token", default=None, help="require 'Authorization: Bearer TOKEN' on /v1/*")
     serve.add_argument("--max-batch", type=int, default=64, help="most uploads per batched model call")
-    serve.add_argument("--max-wait-ms", type=float, default=2.0,
-                       help="how long the first request of a batch waits for company")
+    serve.add_argument("--max-wait-ms", type=float, default=0.0,
+                       help="how long the first request of a batch waits for company (default 0: dispatch "
+                            "at once, batching only what is already queued)")
+    serve.add_argument("--inline-ms", type=float, default=1.0,
+                       help="model calls expected to take less than this run on the event loop, larger ones "
+                            "in a worker thread (default 1.0)")
+    serve.add_argument("--torch-threads", type=int, default=1,
+                       help="PyTorch intra-op threads (default 1; scale out with more processes instead)")
     serve.add_argument("--model-id", default=None,
                        help="serve under this id (one checkpoint only; default: the manifest's)")
     serve.set_defaults(func=_serve)
@@ -76,7 +82,7 @@ def _serve(args: argparse.Namespace) -> int:
         print(f"serving {m.model_id}@{m.version} ({m.method_name}, K={m.num_classes}) "
               f"on http://{args.host}:{args.port}", flush=True)
     serve(models, host=args.host, port=args.port, token=args.token, max_batch=args.max_batch,
-          max_wait_ms=args.max_wait_ms)
+          max_wait_ms=args.max_wait_ms, inline_ms=args.inline_ms, torch_threads=args.torch_threads)
     return 0
 
 

@@ -35,6 +35,7 @@ Upload (device → cloud): 192 little-endian float32 (768 B) with
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import math
@@ -148,8 +149,11 @@ class Header:
 
 def _to_numpy(t: torch.Tensor | np.ndarray) -> np.ndarray:
     if isinstance(t, torch.Tensor):
-        t = t.detach().to("cpu", torch.float32).numpy()
-    return np.ascontiguousarray(np.asarray(t, dtype=np.float32))
+        t = t.detach()
+        if t.dtype != torch.float32 or t.device.type != "cpu":
+            t = t.to("cpu", torch.float32)
+        t = t.numpy()
+    return np.ascontiguousarray(t, dtype=np.float32)
 
 
 def _quantize_int8(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -162,18 +166,31 @@ def _quantize_int8(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return q.reshape(x.shape), scale
 
 
-def encode(tensors: Mapping[str, torch.Tensor | np.ndarray], encoding: str, model_id: str,
-           model_version: str) -> bytes:
-    """Serialize ``tensors`` (float, any shapes) as one frame in ``encoding``.
+_DIGEST_PLACEHOLDER: Final = b'"payload_sha256":"' + b"0" * 64 + b'"'
 
-    For ``fp32``/``fp16``/``int8`` the tensors are Θ_d (``weight``, ``bias``); for
-    ``factors`` the generator's factors; for ``driver`` ``{"driver": d}``. The
-    latter two always travel as fp32.
+
+@functools.lru_cache(maxsize=256)
+def _header_template(model_id: str, model_version: str, encoding: str, infos: tuple[TensorInfo, ...],
+                     length: int) -> bytes:
+    """The header JSON with a placeholder digest; a SHA-256 hex digest always has 64 characters,
+    so the real one replaces it without changing the header's length. (Inside a JSON string a
+    quote is escaped, so the unescaped key-value placeholder can only be the key itself.)"""
+    hjson = Header(PROTOCOL_VERSION, model_id, model_version, encoding, infos, length, "0" * 64).to_json()
+    if hjson.count(_DIGEST_PLACEHOLDER) != 1:
+        raise RuntimeError("header placeholder is not unique")
+    return hjson
+
+
+def encode_view(tensors: Mapping[str, torch.Tensor | np.ndarray], encoding: str, model_id: str,
+                model_version: str) -> memoryview:
+    """:func:`encode` without the final copy: the frame as a view of the one buffer it was built in.
+
+    Each tensor is converted straight into its place in the frame (one copy per tensor), the
+    payload hashed in place, then the header written in front of it.
     """
     if encoding not in ENCODINGS:
         raise ValueError(f"unknown encoding {encoding!r} (known: {', '.join(ENCODINGS)})")
-    infos: list[TensorInfo] = []
-    chunks: list[bytes] = []
+    parts: list[tuple[TensorInfo, np.ndarray]] = []
     for name, tensor in tensors.items():
         if _SCALE_SUFFIX in name:
             raise ValueError(f"tensor name {name!r} may not contain {_SCALE_SUFFIX!r}")
@@ -183,24 +200,99 @@ def encode(tensors: Mapping[str, torch.Tensor | np.ndarray], encoding: str, mode
         if encoding == "fp16":
             if x.size and float(np.abs(x).max()) > FP16_MAX:
                 raise ValueError(f"tensor {name!r} exceeds the fp16 range (±{FP16_MAX}); use fp32 or int8")
-            infos.append(TensorInfo(name, "f16", x.shape))
-            chunks.append(x.astype("<f2").tobytes())
+            parts.append((TensorInfo(name, "f16", x.shape), x))
         elif encoding == "int8":
             if x.ndim == 0:
                 x = x.reshape(1)
             q, scale = _quantize_int8(x)
-            infos.append(TensorInfo(name, "i8", q.shape))
-            chunks.append(q.tobytes())
-            infos.append(TensorInfo(name + _SCALE_SUFFIX, "f32", scale.shape))
-            chunks.append(scale.astype("<f4").tobytes())
+            parts.append((TensorInfo(name, "i8", q.shape), q))
+            parts.append((TensorInfo(name + _SCALE_SUFFIX, "f32", scale.shape), scale))
         else:
-            infos.append(TensorInfo(name, "f32", x.shape))
-            chunks.append(x.astype("<f4").tobytes())
-    payload = b"".join(chunks)
-    header = Header(PROTOCOL_VERSION, str(model_id), str(model_version), encoding, tuple(infos),
-                    len(payload), hashlib.sha256(payload).hexdigest())
-    hjson = header.to_json()
-    return _PREFIX.pack(MAGIC, PROTOCOL_VERSION, len(hjson), zlib.crc32(hjson)) + hjson + payload
+            parts.append((TensorInfo(name, "f32", x.shape), x))
+    infos = tuple(info for info, _ in parts)
+    length = sum(info.nbytes for info in infos)
+    template = _header_template(str(model_id), str(model_version), encoding, infos, length)
+    start = PREFIX_BYTES + len(template)
+    buf = bytearray(start + length)
+    pos = start
+    for info, x in parts:
+        n = math.prod(info.shape)
+        if n:
+            np.frombuffer(buf, _DTYPES[info.dtype], n, pos)[...] = x.reshape(-1)
+        pos += info.nbytes
+    view = memoryview(buf)
+    digest = hashlib.sha256(view[start:]).hexdigest()
+    hjson = template.replace(_DIGEST_PLACEHOLDER, b'"payload_sha256":"' + digest.encode("ascii") + b'"', 1)
+    _PREFIX.pack_into(buf, 0, MAGIC, PROTOCOL_VERSION, len(hjson), zlib.crc32(hjson))
+    buf[PREFIX_BYTES:start] = hjson
+    return view
+
+
+def encode_batch(tensors: Mapping[str, torch.Tensor | np.ndarray], encoding: str, model_id: str,
+                 model_version: str) -> list[memoryview | ValueError]:
+    """One frame per sample of batched tensors ``{name: [B, *shape]}``, equal to :func:`encode` of each.
+
+    For the fp32 encodings (``fp32``, ``factors``, ``driver``) the whole batch is written with one
+    copy per tensor into one buffer and every frame is a view of it; the header is built once.
+    A sample that cannot be sent (NaN/Inf) gets its ``ValueError`` in its place instead of
+    failing the others.
+    """
+    arrays = {name: _to_numpy(t) for name, t in tensors.items()}
+    sizes = {a.shape[0] if a.ndim else -1 for a in arrays.values()}
+    if len(sizes) != 1 or -1 in sizes:
+        raise ValueError("batched tensors need one shared leading batch dimension")
+    batch = sizes.pop()
+    if encoding not in ("fp32", "factors", "driver"):
+        out: list[memoryview | ValueError] = []
+        for i in range(batch):
+            try:
+                out.append(encode_view({k: a[i] for k, a in arrays.items()}, encoding, model_id, model_version))
+            except ValueError as exc:
+                out.append(exc)
+        return out
+    for name in arrays:
+        if _SCALE_SUFFIX in name:
+            raise ValueError(f"tensor name {name!r} may not contain {_SCALE_SUFFIX!r}")
+    infos = tuple(TensorInfo(name, "f32", a.shape[1:]) for name, a in arrays.items())
+    length = sum(info.nbytes for info in infos)
+    template = _header_template(str(model_id), str(model_version), encoding, infos, length)
+    start = PREFIX_BYTES + len(template)
+    size = start + length
+    buf = bytearray(size * batch)
+    rows = np.frombuffer(buf, np.uint8).reshape(batch, size)
+    finite = np.ones(batch, dtype=bool)
+    pos = start
+    for info, a in zip(infos, arrays.values()):
+        flat = a.reshape(batch, -1)
+        if flat.shape[1]:
+            rows[:, pos:pos + info.nbytes].view(_DTYPES["f32"])[...] = flat
+            finite &= np.isfinite(flat).all(axis=1)
+        pos += info.nbytes
+    view = memoryview(buf)
+    out = []
+    for i in range(batch):
+        if not finite[i]:
+            bad = next(n for n, a in arrays.items() if not np.isfinite(a[i]).all())
+            out.append(ValueError(f"tensor {bad!r} has NaN or Inf; refusing to send it"))
+            continue
+        base = i * size
+        digest = hashlib.sha256(view[base + start:base + size]).hexdigest()
+        hjson = template.replace(_DIGEST_PLACEHOLDER, b'"payload_sha256":"' + digest.encode("ascii") + b'"', 1)
+        _PREFIX.pack_into(buf, base, MAGIC, PROTOCOL_VERSION, len(hjson), zlib.crc32(hjson))
+        buf[base + PREFIX_BYTES:base + start] = hjson
+        out.append(view[base:base + size])
+    return out
+
+
+def encode(tensors: Mapping[str, torch.Tensor | np.ndarray], encoding: str, model_id: str,
+           model_version: str) -> bytes:
+    """Serialize ``tensors`` (float, any shapes) as one frame in ``encoding``.
+
+    For ``fp32``/``fp16``/``int8`` the tensors are Θ_d (``weight``, ``bias``); for
+    ``factors`` the generator's factors; for ``driver`` ``{"driver": d}``. The
+    latter two always travel as fp32.
+    """
+    return bytes(encode_view(tensors, encoding, model_id, model_version))
 
 
 # ----------------------------------------------------------------------------- decode

@@ -11,7 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +20,7 @@ from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from stablesynth.data.batch import FeatureBatch
+from stablesynth.training.distributed import SINGLE, DistContext
 from stablesynth.training.stage1 import encode_frames
 
 ROW_KEYS = ("label", "device", "question_type", "upload_index", "global_index", "sample_id")
@@ -55,13 +56,20 @@ def extract_features(
     key: Mapping[str, Any],
     shard_batches: int = 8,
     desc: str = "features",
+    dist: DistContext | None = None,
 ) -> Path:
     """Encode every frame of every clip; write shards of ``shard_batches`` batches each.
 
     ``key`` describes what is cached (encoder fingerprint, benchmark seed, split,
     devices, …); an existing cache with the same key is resumed or reused, one with
     another key is an error rather than silently mixed.
+
+    When ``batches()`` returns a :class:`~collections.abc.Sequence`, only the batches of
+    missing shards are fetched, so resuming (or another rank's shards) costs no
+    decoding. Under torchrun (``dist``) shard s is written by rank ``s % world_size``;
+    every rank returns once the whole cache is complete.
     """
+    ctx = dist or SINGLE
     out_dir.mkdir(parents=True, exist_ok=True)
     manifest_path = out_dir / "manifest.json"
     n_shards = (n_batches + shard_batches - 1) // shard_batches
@@ -76,14 +84,25 @@ def extract_features(
             )
         if old.get("complete"):
             return out_dir
-    _atomic_json(manifest_path, manifest)
+    # Every rank has read the old manifest before rank 0 replaces it.
+    ctx.barrier()
+    if ctx.is_main:
+        _atomic_json(manifest_path, manifest)
     encoder.eval()
     done = {int(p.stem.split("-")[1]) for p in out_dir.glob("shard-*.safetensors")}
+    mine = {s for s in range(n_shards) if s % ctx.world_size == ctx.rank and s not in done}
+    source = batches()
+    if isinstance(source, Sequence):
+        wanted = [i for i in range(n_batches) if i // shard_batches in mine]
+        indexed: Iterable[tuple[int, Mapping[str, torch.Tensor]]] = ((i, source[i]) for i in wanted)
+    else:
+        indexed = enumerate(source)
     pending: dict[str, list[torch.Tensor]] = {}
-    bar = tqdm(total=n_batches, desc=desc, leave=False, dynamic_ncols=True)
-    for i, batch in enumerate(batches()):
+    bar = tqdm(total=n_batches, desc=desc, leave=False, dynamic_ncols=True,
+               disable=True if not ctx.is_main else None)
+    for i, batch in indexed:
         shard = i // shard_batches
-        if shard in done:
+        if shard not in mine:
             bar.update(1)
             continue
         feats = encode_frames(encoder, batch["frames"], batch["input_ids"], batch["attention_mask"])
@@ -100,8 +119,15 @@ def extract_features(
             os.replace(tmp, path)
             pending = {}
     bar.close()
-    manifest["complete"] = True
-    _atomic_json(manifest_path, manifest)
+    ctx.barrier()
+    if ctx.is_main:
+        missing = [s for s in range(n_shards) if not (out_dir / f"shard-{s:05d}.safetensors").exists()]
+        if missing:
+            raise FeatureCacheError(f"feature cache {out_dir}: shards {missing} were not written "
+                                    f"(the batches ran out after fewer than {n_batches})")
+        manifest["complete"] = True
+        _atomic_json(manifest_path, manifest)
+    ctx.barrier()
     return out_dir
 
 

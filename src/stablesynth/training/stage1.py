@@ -9,6 +9,7 @@ AdamW moments in safetensors, epoch and scheduler position in the manifest).
 from __future__ import annotations
 
 import time
+import warnings
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,6 +22,7 @@ from tqdm.auto import tqdm
 from stablesynth.config import Config, require
 from stablesynth.models.device import HIDDEN_DIM, StaticHead
 from stablesynth.training.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from stablesynth.training.distributed import SINGLE, DistContext
 
 
 @dataclass
@@ -125,13 +127,22 @@ def train_stage1(
     seed: int,
     manifest_extra: Mapping[str, Any] | None = None,
     log: Any = print,
+    dist: DistContext | None = None,
 ) -> dict[str, Any]:
     """Train ``model`` for ``cfg.epochs``; resume from ``ckpt_dir`` when it holds a partial run.
 
     ``loader_factory(epoch)`` returns that epoch's batches (reshuffled by a seed
     derived from ``seed`` and the epoch, so a resumed run sees the same data).
     Returns the training history (per-epoch loss, accuracy, seconds).
+
+    Under torchrun pass ``dist`` (:func:`~stablesynth.training.distributed.init_distributed`):
+    the model runs under DistributedDataParallel, ``loader_factory`` must yield this
+    rank's shard (every rank the same number of batches), epoch metrics are summed over
+    ranks, and only rank 0 writes the checkpoint and the log.
     """
+    ctx = dist or SINGLE
+    log = ctx.log(log)
+    net = ctx.wrap(model)
     decay, no_decay = [], []
     for name, p in model.named_parameters():
         (no_decay if p.dim() < 2 or "embed" in name or "token" in name else decay).append(p)
@@ -157,8 +168,11 @@ def train_stage1(
         _load_optimizer(opt, tensors)
         start_epoch = int(manifest["epoch"])
         history = list(manifest.get("history", []))
-        for _ in range(start_epoch * steps_per_epoch):
-            sched.step()
+        with warnings.catch_warnings():
+            # Replaying the schedule before any optimizer step is intended here.
+            warnings.simplefilter("ignore", UserWarning)
+            for _ in range(start_epoch * steps_per_epoch):
+                sched.step()
         if start_epoch >= cfg.epochs:
             log(f"stage 1: reusing finished checkpoint {ckpt_dir} ({start_epoch} epochs)")
             return {"history": history, "resumed_from": start_epoch, "trained_epochs": 0}
@@ -171,11 +185,11 @@ def train_stage1(
         total_loss, correct, count = 0.0, 0, 0
         batches: Iterable = loader_factory(epoch)
         bar = tqdm(batches, total=steps_per_epoch, desc=f"stage 1 epoch {epoch + 1}/{cfg.epochs}",
-                   leave=False, dynamic_ncols=True)
+                   leave=False, dynamic_ncols=True, disable=True if not ctx.is_main else None)
         for step, batch in enumerate(bar):
             if step >= steps_per_epoch:
                 break
-            logits = model(batch)
+            logits = net(batch)
             loss = nn.functional.cross_entropy(logits, batch["label"], ignore_index=-100)
             if not torch.isfinite(loss):
                 raise FloatingPointError(f"stage 1: loss became {float(loss)} at epoch {epoch + 1} step {step}")
@@ -192,6 +206,8 @@ def train_stage1(
             count += n
             bar.set_postfix(loss=f"{total_loss / max(count, 1):.3f}", acc=f"{correct / max(count, 1):.3f}")
         bar.close()
+        sums = ctx.all_reduce({"loss": total_loss, "correct": correct, "count": count})
+        total_loss, correct, count = sums["loss"], int(sums["correct"]), int(sums["count"])
         record = {
             "epoch": epoch + 1,
             "loss": total_loss / max(count, 1),
@@ -201,10 +217,13 @@ def train_stage1(
         history.append(record)
         log(f"stage 1 epoch {epoch + 1}/{cfg.epochs}: loss {record['loss']:.4f} "
             f"train acc {record['train_accuracy']:.3f} ({record['seconds']:.1f} s)")
-        tensors = {f"model.{k}": v.detach().contiguous() for k, v in model.state_dict().items()}
-        tensors.update(_optimizer_tensors(opt))
-        save_checkpoint(ckpt_dir, tensors, {
-            "kind": "stage1", "epoch": epoch + 1, "history": history, "config": cfg.to_dict(),
-            **(dict(manifest_extra) if manifest_extra else {}),
-        })
+        if ctx.is_main:
+            tensors = {f"model.{k}": v.detach().contiguous() for k, v in model.state_dict().items()}
+            tensors.update(_optimizer_tensors(opt))
+            save_checkpoint(ckpt_dir, tensors, {
+                "kind": "stage1", "epoch": epoch + 1, "history": history, "config": cfg.to_dict(),
+                **(dict(manifest_extra) if manifest_extra else {}),
+            })
+        # Other ranks may read the checkpoint next (resume, feature extraction): wait for it.
+        ctx.barrier()
     return {"history": history, "resumed_from": start_epoch, "trained_epochs": cfg.epochs - start_epoch}

@@ -1,0 +1,73 @@
+"""`stablesynth bench ...` and `stablesynth payload`: benchmarks that print ratios against a baseline."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    bench = sub.add_parser(
+        "bench", help="benchmarks: ablations, serving throughput",
+        description="Benchmarks; each prints its figures next to a baseline measured in the same run.")
+    bsub = bench.add_subparsers(dest="bench_command", metavar="BENCH")
+
+    ab = bsub.add_parser(
+        "ablate", help="StableSynthNet with one module/choice changed at a time, over seeds",
+        description=("Reuses the demo run in --out (stage 1 and feature caches; runs them if missing), then trains "
+                     "StableSynthNet variants in stage 2: each module off in turn, convex vs literal template "
+                     "update, fusion direction, generators full/lowrank/film, and D = 1..N_f frames. Writes "
+                     "ablation.json, ablation.png and adds an Ablations section to report.md."))
+    ab.add_argument("--out", type=Path, default=Path("runs/demo"), help="the demo's output folder")
+    ab.add_argument("--config", type=Path, default=None, help="run config (default: the packaged demo config)")
+    ab.add_argument("--quick", action="store_true", help="use the quick config")
+    ab.add_argument("--seeds", type=int, default=3, help="stage-2 seeds per variant (default 3)")
+    ab.add_argument("--only", nargs="*", default=None,
+                    help="only these groups: reference modules templates generator frames")
+    ab.set_defaults(func=_ablate)
+
+    sv = bsub.add_parser(
+        "serve", help="adaptations/s and latency of the HTTP service on loopback",
+        description=("Starts the server on 127.0.0.1 in a subprocess and drives it with a bounded load "
+                     "generator at several concurrency levels; compares the adapt endpoint with a no-op endpoint "
+                     "of the same server, the in-process call and DUET's full generator."))
+    sv.add_argument("--checkpoint", type=Path, default=None,
+                    help="a method checkpoint (default: an untrained K=1501 model, the paper's size)")
+    sv.add_argument("--out", type=Path, default=None, help="write serve_bench.json here")
+    sv.add_argument("--requests", type=int, default=300, help="requests per concurrency level")
+    sv.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 64])
+    sv.set_defaults(func=_serve)
+
+    pay = sub.add_parser(
+        "payload", help="bytes up/down and transfer time for the paper's presets (Table 5)",
+        description=("For each paper preset: the upload (one 192-float feature) and the download per encoding "
+                     "(fp32, fp16, int8, generator factors, driver only) with transfer times at 5/15/50/100 MB/s "
+                     "next to the paper's Table 5."))
+    pay.add_argument("--preset", default=None, help="one preset (default: all)")
+    pay.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    pay.set_defaults(func=_payload)
+
+
+def _ablate(args: argparse.Namespace) -> int:
+    from stablesynth.bench.ablate import run_ablation
+    from stablesynth.pipeline import load_run_config
+
+    if args.seeds < 1:
+        raise ValueError("--seeds must be >= 1")
+    cfg = load_run_config(args.config, quick=args.quick)
+    run_ablation(cfg, args.out, seeds=args.seeds, only=args.only)
+    return 0
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from stablesynth.bench.serve import format_table, run_serve_benchmark
+
+    results = run_serve_benchmark(args.checkpoint, args.out, requests=args.requests, concurrency=args.concurrency)
+    print(format_table(results))
+    return 0
+
+
+def _payload(args: argparse.Namespace) -> int:
+    from stablesynth.bench.payload import payload_main
+
+    return payload_main(args.preset, args.json)

@@ -1,0 +1,79 @@
+"""The quick demo end to end: results.json follows the schema, the report is made from it alone."""
+
+import json
+from pathlib import Path
+
+import pytest
+
+from stablesynth.cli import main
+from stablesynth.config import ConfigError
+from stablesynth.evaluation.report import ResultsSchemaError, load_results, render_report, validate_results
+from stablesynth.pipeline import RunConfig, load_run_config
+
+
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("demo")
+    assert main(["demo", "--quick", "--out", str(out)]) == 0
+    return out
+
+
+def test_quick_demo_writes_valid_results_and_plots(quick_run: Path):
+    results = load_results(quick_run / "results.json")
+    assert set(results["methods"]) == {"f_linear", "fine_tune", "f_hyper", "duet", "stablesynth"}
+    for name in ("report.md", "per_device_accuracy.png", "accuracy_vs_cost.png", "devices.png"):
+        assert (quick_run / name).stat().st_size > 0
+    ours = results["methods"]["stablesynth"]
+    assert ours["bytes"]["up"] == 192 * 4
+    assert ours["bytes"]["down"]["fp32"] == 97 * 13 * 4
+    assert ours["flops"]["paper_K"] == 1501 and ours["flops"]["paper"] > ours["flops"]["benchmark"] > 0
+    duet = results["methods"]["duet"]
+    assert duet["bytes"]["up"] == 5 * 192 * 4
+    assert duet["flops"]["paper"] > 27_000_000  # DUET's full generator at K = 1501
+    assert results["oracle"]["finetune_seconds"]["median"] > 0
+
+
+def test_report_is_rendered_from_results_json_alone(quick_run: Path):
+    results = json.loads((quick_run / "results.json").read_text())
+    assert (quick_run / "report.md").read_text() == render_report(results)
+    # A figure changed in results.json shows up in the report: nothing is typed in by hand.
+    results["methods"]["stablesynth"]["accuracy"]["per_sample"]["seen"]["mean"] = 0.4321
+    assert "43.2" in render_report(results)
+
+
+def test_second_run_reuses_finished_stages(quick_run: Path, capsys):
+    assert main(["demo", "--quick", "--out", str(quick_run)]) == 0
+    out = capsys.readouterr().out
+    assert "reusing finished checkpoint" in out
+    assert out.count("stage 2") >= 1 and "reusing" in out
+
+
+def test_results_schema_rejects_missing_and_wrong_fields(quick_run: Path):
+    results = json.loads((quick_run / "results.json").read_text())
+    del results["methods"]["duet"]["flops"]
+    with pytest.raises(ResultsSchemaError, match=r"methods\.duet\.flops"):
+        validate_results(results)
+    results = json.loads((quick_run / "results.json").read_text())
+    results["methods"]["duet"]["accuracy"]["per_sample"]["per_device"]["0"] = 1.5
+    with pytest.raises(ResultsSchemaError, match="fraction"):
+        validate_results(results)
+
+
+def test_run_config_errors_name_the_key(tmp_path: Path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("stage1:\n  epochz: 3\n")
+    with pytest.raises(ConfigError, match=r"stage1\.epochz"):
+        load_run_config(bad)
+    with pytest.raises(ConfigError, match="methods"):
+        RunConfig.from_dict({"methods": ["nope"]})
+    with pytest.raises(ConfigError, match=r"benchmark\.image_size"):
+        RunConfig.from_dict({"benchmark": {"image_size": 48}})
+    with pytest.raises(ConfigError, match=r"method_overrides\.stablesynth"):
+        RunConfig.from_dict({"method_overrides": {"stablesynth": {"lambda_f": 3.0}}})
+
+
+def test_cli_reports_bad_config_without_traceback(tmp_path: Path, capsys):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("encoder: no-such-encoder\n")
+    assert main(["demo", "--config", str(bad), "--out", str(tmp_path / "o")]) == 2
+    assert "unknown encoder preset" in capsys.readouterr().err

@@ -1,0 +1,140 @@
+"""Stage 1 (resumable), the feature cache (resumable, refuses foreign caches) and the stage-2 loop."""
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from stablesynth.data.batch import FeatureBatch
+from stablesynth.data.benchmark import BenchmarkConfig, DeviceBenchmark, make_loader
+from stablesynth.methods import create_method
+from stablesynth.models.encoder import create_model
+from stablesynth.training.checkpoint import read_manifest
+from stablesynth.training.features import FeatureCacheError, extract_features, load_features, module_fingerprint
+from stablesynth.training.stage1 import GlobalModel, Stage1Config, encode_frames, polynomial_decay, train_stage1
+from stablesynth.training.stage2 import paired_batches, predict_per_session, train_method
+
+
+@pytest.fixture(scope="module")
+def bench() -> DeviceBenchmark:
+    return DeviceBenchmark.build(BenchmarkConfig(n_devices=3, n_unseen=1, history_per_device=16,
+                                                 realtime_per_device=8, image_size=16))
+
+
+def _model(k: int) -> GlobalModel:
+    torch.manual_seed(0)
+    return GlobalModel(create_model("allinone-test", max_text_len=16), k, dropout=0.0)
+
+
+def _loader(bench):
+    return lambda epoch: make_loader(bench, "history", "seen", batch_size=8, shuffle=True, seed=epoch)
+
+
+def test_frame_features_do_not_depend_on_position(bench):
+    model = _model(bench.num_classes).eval()
+    batch = next(iter(make_loader(bench, "realtime", batch_size=2)))
+    frames = batch["frames"]
+    feats = encode_frames(model.encoder, frames, batch["input_ids"], batch["attention_mask"])
+    swapped = encode_frames(model.encoder, frames.flip(1), batch["input_ids"], batch["attention_mask"])
+    assert torch.allclose(feats.flip(1), swapped, atol=1e-5)
+
+
+def test_polynomial_decay_warms_up_then_reaches_zero():
+    assert polynomial_decay(0, 100, 10) == pytest.approx(0.1)
+    assert polynomial_decay(10, 100, 10) == pytest.approx(1.0)
+    assert polynomial_decay(100, 100, 10) == pytest.approx(0.0)
+
+
+def test_stage1_finished_checkpoint_is_reused(tmp_path: Path, bench):
+    cfg = Stage1Config(epochs=1, lr=1e-3, batch_size=8, head_dropout=0.0)
+    first = _model(bench.num_classes)
+    train_stage1(first, _loader(bench), cfg, tmp_path / "s1", seed=0, log=lambda *_: None)
+    again = _model(bench.num_classes)
+    info = train_stage1(again, _loader(bench), cfg, tmp_path / "s1", seed=0, log=lambda *_: None)
+    assert info["trained_epochs"] == 0
+    for (n, a), b in zip(first.state_dict().items(), again.state_dict().values()):
+        assert torch.equal(a, b), n
+
+
+def test_stage1_interrupted_run_resumes_to_the_same_weights(tmp_path: Path, bench):
+    cfg = Stage1Config(epochs=2, lr=1e-3, batch_size=8, head_dropout=0.0)
+    ref = _model(bench.num_classes)
+    train_stage1(ref, _loader(bench), cfg, tmp_path / "ref", seed=0, log=lambda *_: None)
+
+    def crashing(epoch):
+        if epoch == 1:  # the run dies as epoch 2 starts, after epoch 1's checkpoint
+            raise KeyboardInterrupt
+        return _loader(bench)(epoch)
+
+    with pytest.raises(KeyboardInterrupt):
+        train_stage1(_model(bench.num_classes), crashing, cfg, tmp_path / "run", seed=0, log=lambda *_: None)
+    assert read_manifest(tmp_path / "run")["epoch"] == 1
+    resumed = _model(bench.num_classes)
+    train_stage1(resumed, _loader(bench), cfg, tmp_path / "run", seed=0, log=lambda *_: None)
+    for (n, a), b in zip(ref.state_dict().items(), resumed.state_dict().values()):
+        assert torch.allclose(a, b, atol=1e-5), n
+
+
+def test_feature_cache_resumes_and_refuses_other_encoders(tmp_path: Path, bench):
+    model = _model(bench.num_classes)
+    rows = bench.rows("history", "all")
+    key = {"encoder": module_fingerprint(model.encoder), "clips": len(rows)}
+
+    def loader():
+        return make_loader(bench, "history", "all", batch_size=8)
+
+    n = (len(rows) + 7) // 8
+    out = extract_features(model.encoder, loader, n, tmp_path / "c", key, shard_batches=2)
+    full = load_features(out)
+    assert full["frames"].shape == (len(rows), bench.cfg.frames_per_clip, 192)
+    # Losing a shard and the completion mark: the extraction redoes only what is missing.
+    (out / "shard-00001.safetensors").unlink()
+    manifest = (out / "manifest.json").read_text().replace('"complete": true', '"complete": false')
+    (out / "manifest.json").write_text(manifest)
+    with pytest.raises(FeatureCacheError, match="incomplete"):
+        load_features(out)
+    extract_features(model.encoder, loader, n, out, key, shard_batches=2)
+    assert torch.equal(load_features(out)["frames"], full["frames"])
+    with pytest.raises(FeatureCacheError, match="other inputs"):
+        extract_features(model.encoder, loader, n, out, {**key, "encoder": "something else"}, shard_batches=2)
+    (out / "shard-00000.safetensors").write_bytes(b"not a safetensors file")
+    with pytest.raises(FeatureCacheError, match="corrupt"):
+        load_features(out)
+
+
+def _synthetic(n=96, k=4, seed=0) -> FeatureBatch:
+    g = torch.Generator().manual_seed(seed)
+    label = torch.randint(k, (n,), generator=g)
+    centers = torch.randn(k, 192, generator=g)
+    frames = centers[label].unsqueeze(1) + 0.3 * torch.randn(n, 5, 192, generator=g)
+    return FeatureBatch(frames=frames, label=label, category=label.clone(), device=torch.arange(n) % 3,
+                        upload_index=torch.zeros(n, dtype=torch.long),
+                        global_index=torch.tensor([[0, 1, 2]]).repeat(n, 1))
+
+
+def test_paired_batches_give_every_anchor_a_positive():
+    cats = torch.tensor([0, 0, 1, 1, 1, 2, 2, 3, 3, 3])
+    for idx in paired_batches(cats, 6, torch.Generator().manual_seed(0)):
+        half = len(idx) // 2
+        assert torch.equal(cats[idx[:half]], cats[idx[half:]])
+
+
+def test_stage2_is_seeded_and_learns():
+    data = _synthetic()
+    losses = []
+    for _ in range(2):
+        torch.manual_seed(0)
+        m = create_method("stablesynth", 4)
+        info = train_method(m, data, epochs=8, batch_size=32, lr=1e-3, weight_decay=0.0, seed=3)
+        losses.append([h["ce"] for h in info["history"]])
+    assert losses[0] == losses[1]
+    assert losses[0][-1] < losses[0][0]
+
+
+def test_per_session_mode_uses_one_upload_for_every_clip():
+    data = _synthetic(n=10)
+    m = create_method("f_hyper", 4).eval()
+    preds = predict_per_session(m, data)
+    params = m.adapt(m.upload(data.index(slice(0, 1))))
+    expected = m.predict(data.f_g, {k: v[0] for k, v in params.items()}).argmax(-1)
+    assert torch.equal(preds, expected)
