@@ -142,3 +142,32 @@ def test_upload_formats() -> None:
         with pytest.raises(UploadError) as info:
             protocol.decode_upload(body, ctype)
         assert info.value.code == code, (ctype, code, info.value)
+
+
+@pytest.mark.parametrize("encoding", protocol.ENCODINGS)
+def test_encode_batch_equals_encode_per_sample(encoding: str) -> None:
+    g = torch.Generator().manual_seed(0)
+    batch = {"weight": torch.randn(5, 7, 3, generator=g), "bias": torch.randn(5, 7, generator=g)}
+    frames = protocol.encode_batch(batch, encoding, "m", "v1")
+    assert len(frames) == 5
+    for i, frame in enumerate(frames):
+        assert isinstance(frame, memoryview)
+        one = {k: v[i] for k, v in batch.items()}
+        assert bytes(frame) == protocol.encode(one, encoding, "m", "v1")
+        assert bytes(protocol.encode_view(one, encoding, "m", "v1")) == bytes(frame)
+        decoded, header = protocol.decode(bytes(frame), "m", "v1")
+        assert header.encoding == encoding and set(decoded) == {"weight", "bias"}
+
+
+@pytest.mark.parametrize("encoding", ["fp32", "int8"])
+def test_encode_batch_refuses_only_the_non_finite_sample(encoding: str) -> None:
+    batch = {"weight": torch.ones(3, 4, 2), "bias": torch.zeros(3, 4)}
+    batch["bias"][1, 2] = float("nan")
+    frames = protocol.encode_batch(batch, encoding, "m", "v1")
+    assert isinstance(frames[1], ValueError) and "'bias'" in str(frames[1])
+    for i in (0, 2):
+        decoded, _ = protocol.decode(bytes(frames[i]), "m", "v1")
+        assert torch.equal(decoded["weight"], torch.ones(4, 2))
+    assert protocol.encode_batch({"x": torch.zeros(0, 3)}, "fp32", "m", "v1") == []
+    with pytest.raises(ValueError, match="leading batch"):
+        protocol.encode_batch({"a": torch.zeros(2, 3), "b": torch.zeros(3, 3)}, "fp32", "m", "v1")

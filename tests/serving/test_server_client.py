@@ -321,3 +321,47 @@ def test_cli_export_and_predict(tmp_path: Path, capsys: pytest.CaptureFixture[st
                      "--feature-file", str(tmp_path / "clip.npy"), "--encoding", "factors"]) == 0
     out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert out["source"] == "server" and out["model"] == "easyvqa@v2" and 0 <= out["prediction"] < K
+
+
+def test_worker_thread_path_and_gathering_window(cloud: CloudModel) -> None:
+    """inline_ms=0 sends every batch to the worker thread; max_wait_ms>0 restores the gathering window."""
+    feats = [_feature(200 + i) for i in range(16)]
+    app = create_app({"easyvqa": cloud}, inline_ms=0.0, max_wait_ms=3.0)
+
+    async def run(url: str) -> list[httpx.Response]:
+        async with httpx.AsyncClient(base_url=url, timeout=10) as c:
+            return await asyncio.gather(*[
+                c.post("/v1/models/easyvqa/adapt?encoding=factors", content=protocol.encode_upload(f),
+                       headers={"Content-Type": "application/octet-stream"}) for f in feats])
+
+    with Server(app) as srv:
+        replies = asyncio.run(run(srv.url))
+        metrics = httpx.get(f"{srv.url}/metrics", timeout=5).text
+    for f, r in zip(feats, replies):
+        assert r.status_code == 200 and r.headers["x-encoding"] == "factors"
+        got, _ = protocol.decode(r.content, "easyvqa", "7")
+        with torch.inference_mode():
+            ref = cloud.method.generator.factors(cloud.method.driver(f[None]))
+        for k, v in ref.items():
+            torch.testing.assert_close(got[k], v[0], atol=1e-6, rtol=1e-6)
+    fams = {f.name: f for f in text_string_to_metric_families(metrics)}
+    batch = {s.name: s.value for s in fams["stablesynth_batch_size"].samples}
+    assert batch["stablesynth_batch_size_sum"] == len(feats)
+    assert batch["stablesynth_batch_size_count"] < len(feats)
+
+
+def test_load_generator_counts_replies_and_errors(server: Server) -> None:
+    from stablesynth.serving.loadgen import LoadGenerator
+
+    port = int(server.url.rsplit(":", 1)[1])
+    auth = {"Authorization": f"Bearer {TOKEN}"}
+    body = protocol.encode_upload(_feature(7))
+    with LoadGenerator("127.0.0.1", port, processes=2) as load:
+        ok = load.run("/v1/models/easyvqa/adapt?encoding=factors", body, 40, 4, 10.0, headers=auth)
+        bad = load.run("/v1/models/nope/adapt", body, 6, 2, 10.0, headers=auth)
+        capped = load.run("/v1/noop", body, 10**6, 2, 0.3, headers=auth)
+    assert ok["ok"] == 40 and ok["errors"] == 0 and ok["requests"] == 40
+    assert ok["p50_ms"] > 0 and ok["per_s"] > 0 and ok["reply_bytes"] > 97 * 4
+    assert bad["ok"] == 0 and bad["error_kinds"] == {"http_404": 6}
+    # The time cap bounds a run whatever the request budget.
+    assert capped["errors"] == 0 and 0 < capped["ok"] < 10**6 and capped["wall_s"] < 5

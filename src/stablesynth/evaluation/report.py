@@ -6,7 +6,7 @@ Schema (version 1), all accuracies are fractions in [0, 1]:
 schema_version, created, wall_seconds, versions{}, seed, config{}
 benchmark: num_classes, answers[], devices[{id, seen, ...}], counts{}, accuracy_convention
 stage1: history[{epoch, loss, train_accuracy, seconds}], seconds
-informative: {global_clean, global_shifted, oracle_shifted}            (DESIGN §5 check)
+informative: {global_clean, global_seen, global_unseen, oracle_seen, oracle_unseen, verdict}  (DESIGN §5)
 methods.<name>:
   label, adaptive, train_seconds
   accuracy.<per_sample|per_session>: per_device{id: acc}, seen|unseen|all{mean, worst, std, n}
@@ -28,7 +28,6 @@ from typing import Any
 
 SCHEMA_VERSION = 1
 BANDWIDTHS = (5.0, 15.0, 50.0, 100.0)
-SUMMARY_KEYS = ("mean", "worst", "std", "n")
 
 
 class ResultsSchemaError(ValueError):
@@ -55,8 +54,10 @@ def _check_accuracy_block(block: dict[str, Any], where: str) -> None:
         _check_fraction(acc, f"{where}.per_device.{dev}")
     for group in ("seen", "unseen", "all"):
         summary = _need(block, group, where, dict)
-        for key in SUMMARY_KEYS:
-            _need(summary, key, f"{where}.{group}", (int, float))
+        n = _need(summary, "n", f"{where}.{group}", int)
+        for key in ("mean", "worst", "std"):
+            # An empty group (n = 0) has no statistics: null (NaN is not JSON).
+            _need(summary, key, f"{where}.{group}", (int, float) if n else (int, float, type(None)))
 
 
 def validate_results(results: dict[str, Any]) -> None:
@@ -168,10 +169,12 @@ def render_report(results: dict[str, Any], ablation: dict[str, Any] | None = Non
     methods = results["methods"]
     K = b["num_classes"]
     n_seen = sum(d["seen"] for d in b["devices"])
+    dataset = b.get("dataset", "the easy-VQA device benchmark")
     lines = [
-        "# StableSynthNet on the easy-VQA device benchmark",
+        f"# StableSynthNet on {dataset}",
         "",
-        f"Generated {results['created']} by `stablesynth demo`; wall time {results['wall_seconds']:.0f} s. "
+        f"Generated {results['created']} by `{results.get('command', 'stablesynth demo')}`; "
+        f"wall time {results['wall_seconds']:.0f} s. "
         f"{len(b['devices'])} devices ({n_seen} seen in training, {len(b['devices']) - n_seen} unseen), "
         f"K = {K} answers, seed {results['seed']}. Accuracy: {b.get('accuracy_convention', 'top-1')}. "
         "Every number below is read from `results.json` in this folder.",
@@ -184,9 +187,12 @@ def render_report(results: dict[str, Any], ablation: dict[str, Any] | None = Non
             "",
             "| check | accuracy |",
             "|---|---|",
-            f"| global head (Fine-tuning) on clean frames | {_pct(inf['global_clean'])} |",
-            f"| global head on the devices' shifted frames | {_pct(inf['global_shifted'])} |",
-            f"| per-device fine-tuned head on shifted frames (oracle) | {_pct(inf['oracle_shifted'])} |",
+            f"| global head (Fine-tuning), seen devices (their casts are in its training data) "
+            f"| {_pct(inf['global_seen'])} |",
+            f"| global head, unseen devices | {_pct(inf['global_unseen'])} |",
+            f"| global head, the same clips captured clean (identity profile) | {_pct(inf['global_clean'])} |",
+            f"| per-device fine-tuning (oracle), seen devices | {_pct(inf['oracle_seen'])} |",
+            f"| per-device fine-tuning (oracle), unseen devices | {_pct(inf['oracle_unseen'])} |",
             "",
             inf.get("verdict", ""),
             "",
@@ -267,6 +273,22 @@ def render_report(results: dict[str, Any], ablation: dict[str, Any] | None = Non
             if nbytes:
                 lines.append(f"| {m['label']} | ↓ {enc} | {_kb(nbytes)} | "
                              + " | ".join(_ms(transfer_ms(nbytes, bw)) for bw in BANDWIDTHS) + " |")
+    enc = methods.get("stablesynth", {}).get("encodings")
+    if enc:
+        lines += ["", "### Compact downloads, measured (StableSynthNet)", "",
+                  "Every real-time clip's parameters go through the wire format and back; bytes include the "
+                  "frame header. Device time = decode + rebuild Θ_d + predict, per adaptation, in Python "
+                  "(the ONNX runtime's prediction alone is in `stablesynth bench serve`). `factors*` need the "
+                  "generator's W0 on the device, `driver*` the whole generator.", "",
+                  "| encoding | bytes down | accuracy | Δ vs fp32 (points) | device time | device must hold |",
+                  "|---|---|---|---|---|---|"]
+        for name, e in enc.items():
+            holds = _kb(e["device_holds_bytes"]) if e["device_holds_bytes"] else "—"
+            lines.append(f"| {name} | {e['bytes']:,} B | {_pct(e['accuracy'])} | {e['delta_points']:+.2f} | "
+                         f"{_ms(e['device_ms'])} | {holds} |")
+        small = [n for n, e in enc.items() if e["bytes"] <= 1024 and abs(e["delta_points"]) <= 0.5]
+        lines += ["", ("Within 1 KB and 0.5 points of fp32: " + ", ".join(small) + ".") if small else
+                  "No encoding reaches 1 KB within 0.5 points of fp32 here."]
     if results.get("payload"):
         lines += render_payload(results["payload"])
     lines += ["", "## Cost of each method", "",
@@ -274,8 +296,10 @@ def render_report(results: dict[str, Any], ablation: dict[str, Any] | None = Non
     for m in methods.values():
         lines.append(f"| {m['label']} | {m['params']['cloud']:,} | {m['flops']['benchmark']:,} | "
                      f"{m['train_seconds']:.1f} s |")
-    lines += ["", "## Plots", "", "![per-device accuracy](per_device_accuracy.png)", "",
-              "![accuracy vs cost](accuracy_vs_cost.png)", "", "![devices](devices.png)", ""]
+    figures = results.get("figures", ["per_device_accuracy.png", "accuracy_vs_cost.png"])
+    lines += ["", "## Plots", ""]
+    for fig in figures:
+        lines += [f"![{fig.removesuffix('.png').replace('_', ' ')}]({fig})", ""]
     if ablation:
         lines += render_ablation(ablation)
     return "\n".join(lines) + "\n"

@@ -57,8 +57,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     src = predict.add_mutually_exclusive_group(required=True)
     src.add_argument("--feature-file", type=Path, metavar="F",
                      help=".npy or .json with the clip's per-frame features, shape [N_f, 192] (or [192])")
-    src.add_argument("--clip", metavar="ID", help="a benchmark clip id (needs the benchmark's feature cache)")
-    predict.add_argument("--upload-index", type=int, default=0, help="which frame to upload (default 0)")
+    src.add_argument("--clip", type=int, metavar="I",
+                     help="real-time clip I (0-based) of --device in the embedded easy-VQA benchmark: rendered, "
+                          "encoded with --run-dir's stage-1 encoder, its upload frame sent, F_g predicted")
+    predict.add_argument("--run-dir", type=Path, default=Path("runs/demo"), metavar="DIR",
+                         help="with --clip: the demo run whose stage-1 encoder the device uses (default runs/demo)")
+    predict.add_argument("--device", type=int, default=0, help="with --clip: the benchmark device id (default 0)")
+    predict.add_argument("--upload-index", type=int, default=None,
+                         help="which frame to upload (default: 0 for --feature-file, the clip's own for --clip)")
     predict.add_argument("--encoding", choices=ENCODINGS, default="fp32")
     predict.add_argument("--timeout", type=float, default=2.0, help="seconds per HTTP phase")
     predict.add_argument("--retries", type=int, default=2)
@@ -116,16 +122,40 @@ def load_frames(path: Path) -> torch.Tensor:
 def _predict(args: argparse.Namespace) -> int:
     from stablesynth.serving.client import DeviceClient
 
+    clip = None
     if args.clip is not None:
-        raise ValueError("--clip needs the benchmark's feature cache, which this build does not connect yet; "
-                         "use --feature-file")
-    frames = load_frames(args.feature_file)
-    if not 0 <= args.upload_index < frames.shape[0]:
-        raise ValueError(f"--upload-index {args.upload_index} outside the clip's {frames.shape[0]} frames")
+        from stablesynth.serving.clip import clip_features
+
+        clip = clip_features(args.run_dir, args.device, args.clip)
+        frames = clip.frames
+        upload_index = clip.upload_index if args.upload_index is None else args.upload_index
+        f_g = clip.f_g
+    else:
+        frames = load_frames(args.feature_file)
+        upload_index = 0 if args.upload_index is None else args.upload_index
+        f_g = frames.mean(0)
+    if not 0 <= upload_index < frames.shape[0]:
+        raise ValueError(f"--upload-index {upload_index} outside the clip's {frames.shape[0]} frames")
     with DeviceClient(args.server, args.bundle, encoding=args.encoding, timeout=args.timeout,
                       retries=args.retries, token=args.token) as client:
-        logits, res = client.predict(frames.mean(0), frames[args.upload_index])
-    print(json.dumps({"prediction": int(np.argmax(logits[0])), "source": res.source, "error": res.error,
-                      "bytes_down": res.bytes_down, "latency_ms": round(res.latency_ms, 3),
-                      "model": f"{client.model_id}@{client.bundle.model_version}"}))
+        if clip is not None and client.bundle.num_classes != len(clip.answers):
+            raise ValueError(f"bundle has K={client.bundle.num_classes} but the benchmark has "
+                             f"{len(clip.answers)} answers: export the bundle from this run's checkpoint")
+        logits, res = client.predict(f_g, frames[upload_index])
+    prediction = int(np.argmax(logits[0]))
+    out: dict[str, object] = {"prediction": prediction}
+    if clip is not None:
+        out.update({"answer": clip.answers[prediction], "true_answer": clip.true_answer,
+                    "correct": clip.true_answer is not None and prediction == clip.label,
+                    "question": clip.question, "device": clip.device, "device_seen": clip.seen,
+                    "clip": clip.clip, "upload_index": upload_index, "global_index": clip.global_index})
+    out.update({"source": res.source, "error": res.error, "encoding": args.encoding, "bytes_up": 768,
+                "bytes_down": res.bytes_down, "latency_ms": round(res.latency_ms, 3),
+                "model": f"{client.model_id}@{client.bundle.model_version}"})
+    if clip is not None:
+        ok = "right" if out["correct"] else "wrong"
+        print(f"device {clip.device} clip {clip.clip}: {clip.question!r} -> {out['answer']} "
+              f"(true: {clip.true_answer}, {ok}); Θ_d from {res.source}, {res.bytes_down} B down, "
+              f"{res.latency_ms:.1f} ms")
+    print(json.dumps(out))
     return 0

@@ -22,7 +22,8 @@ fp32       exact (bit for bit).
 fp16       |x̂ − x| ≤ 2⁻¹¹·|x| for |x| ≥ 2⁻¹⁴, ≤ 2⁻²⁵ below (subnormals);
            values beyond ±65504 are refused at encode time.
 int8       symmetric, one fp32 scale per row (last dimension; a 1-D tensor is
-           one row): s = max|row|/127, |x̂ − x| ≤ s/2 (+ fp32 rounding).
+           one row): s = max|row|/127, |x̂ − x| ≤ s/2 (+ fp32 rounding, which is
+           absolute, up to 128·2⁻¹⁴⁹, for a row of subnormals).
 factors    the generator's ``factors(driver)`` in fp32, exact; the device
            rebuilds Θ_d with ``expand`` from its cached ``shared()`` tensors,
            so Θ_d equals the cloud's up to float summation order.
@@ -242,6 +243,8 @@ def encode_batch(tensors: Mapping[str, torch.Tensor | np.ndarray], encoding: str
     if len(sizes) != 1 or -1 in sizes:
         raise ValueError("batched tensors need one shared leading batch dimension")
     batch = sizes.pop()
+    if batch == 0:
+        return []
     if encoding not in ("fp32", "factors", "driver"):
         out: list[memoryview | ValueError] = []
         for i in range(batch):
@@ -434,6 +437,8 @@ def max_error(encoding: str, reference: torch.Tensor) -> torch.Tensor:
         half_step = rows.abs().amax(dim=1, keepdim=True) / 254.0
         # fp32 rounding of x/s, rint and q·s adds a few ulps of the row maximum.
         bound = half_step * (1 + 1e-5) + rows.abs().amax(dim=1, keepdim=True) * 4 * 2.0**-24
+        # A row of subnormals has a subnormal scale, whose rounding is absolute (2^-149 per unit of q).
+        bound = bound + 128 * 2.0**-149
         return bound.expand_as(rows).reshape(ref.shape)
     raise ValueError(f"unknown encoding {encoding!r}")
 
