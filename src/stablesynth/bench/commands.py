@@ -33,9 +33,11 @@ def register(sub: argparse._SubParsersAction) -> None:
                      "of the same server, the in-process call and DUET's full generator."))
     sv.add_argument("--checkpoint", type=Path, default=None,
                     help="a method checkpoint (default: an untrained K=1501 model, the paper's size)")
-    sv.add_argument("--out", type=Path, default=None, help="write serve_bench.json here")
-    sv.add_argument("--requests", type=int, default=300, help="requests per concurrency level")
+    sv.add_argument("--out", type=Path, default=None, help="write serve.json here")
+    sv.add_argument("--requests", type=int, default=4000, help="requests per concurrency level (bounded)")
     sv.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 64])
+    sv.add_argument("--time-cap", type=float, default=20.0, help="seconds per row at most (default 20)")
+    sv.add_argument("--clients", type=int, default=2, help="load-generator processes (default 2)")
     sv.set_defaults(func=_serve)
 
     pay = sub.add_parser(
@@ -62,7 +64,8 @@ def _ablate(args: argparse.Namespace) -> int:
 def _serve(args: argparse.Namespace) -> int:
     from stablesynth.bench.serve import format_table, run_serve_benchmark
 
-    results = run_serve_benchmark(args.checkpoint, args.out, requests=args.requests, concurrency=args.concurrency)
+    results = run_serve_benchmark(args.checkpoint, args.out, requests=args.requests, concurrency=args.concurrency,
+                                  time_cap_s=args.time_cap, clients=args.clients)
     print(format_table(results))
     return 0
 

@@ -2,9 +2,12 @@
 
 Serving is stateless (the checkpoint is read-only), so it scales out as more
 processes behind any HTTP load balancer; inside one process, concurrent
-``adapt`` requests are gathered into one batched call of the method (up to
-``max_batch`` requests or ``max_wait_ms`` after the first), run in a worker
-thread so the event loop keeps accepting requests.
+``adapt`` requests are gathered into one batched call of the method: nothing
+waits for company, whatever is queued when the model is free goes in (up to
+``max_batch``), and the frames of a batch are encoded into one buffer. Calls
+expected to take under ``inline_ms`` run on the event loop, larger ones in a
+worker thread (see :class:`_Batcher`). :func:`serve` also pins PyTorch to one
+intra-op thread and moves start-up objects out of the garbage collector's way.
 
 Endpoints (all replies to errors are JSON ``{"error": code, "detail": text}``):
 
