@@ -480,6 +480,54 @@ def informative_check(run: Run, base: Method, realtime: FeatureBatch, oracle: di
             "oracle_seen": o_seen, "oracle_unseen": o_unseen, "verdict": verdict}
 
 
+def diagnostics(run: Run, base: Method, history: FeatureBatch, realtime: FeatureBatch) -> dict[str, Any]:
+    """What a single upload could tell the cloud, measured on this run's features.
+
+    device_probe: a linear probe from one uploaded frame feature to the device id, trained on
+    the seen devices' history, scored on their real-time clips: can one frame identify its device?
+    prior_correction: the global head's posteriors re-weighted by each device's answer
+    frequencies in its history (p(a|x)·p_d(a)/p(a)): how much of per-device fine-tuning's gain is
+    the device's usage skew, which an unlabeled frame of an unseen device cannot reveal.
+    """
+    seen = torch.tensor(sorted(run.seen))
+    hist_seen = history.index(torch.nonzero(torch.isin(history.device, seen)).flatten())
+    rt_seen_mask = torch.isin(realtime.device, seen)
+    gen = torch.Generator().manual_seed(run.cfg.seed)
+    n_dev = len(run.bench.devices)
+    probe = nn.Linear(hist_seen.uploaded.shape[1], n_dev)
+    with torch.no_grad():
+        probe.weight.normal_(0, 0.01, generator=gen)
+        probe.bias.zero_()
+    x = hist_seen.uploaded
+    mu, sd = x.mean(0), x.std(0) + 1e-6
+    opt = torch.optim.Adam(probe.parameters(), lr=1e-2)
+    for _ in range(300):
+        loss = nn.functional.cross_entropy(probe((x - mu) / sd), hist_seen.device)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    with torch.no_grad():
+        rt_up = realtime.uploaded[rt_seen_mask]
+        probe_acc = accuracy(probe((rt_up - mu) / sd), realtime.device[rt_seen_mask])
+    K = run.K
+    with torch.inference_mode():
+        base.eval()
+        logp = base(realtime).log_softmax(-1)
+    valid = history.label >= 0
+    prior = torch.stack([torch.bincount(history.label[valid & (history.device == d)], minlength=K).double() + 1
+                         for d in range(n_dev)])
+    prior = (prior / prior.sum(1, keepdim=True)).float()
+    pooled = torch.bincount(hist_seen.label[hist_seen.label >= 0], minlength=K).double() + 1
+    pooled = (pooled / pooled.sum()).float()
+    adjusted = logp + prior[realtime.device].log() - pooled.log()
+    out = {"device_probe_accuracy": probe_acc, "chance": 1.0 / len(run.seen)}
+    for group, mask in (("seen", rt_seen_mask), ("unseen", ~rt_seen_mask)):
+        if mask.any():
+            out[f"global_{group}"] = accuracy(logp[mask], realtime.label[mask])
+            out[f"prior_corrected_{group}"] = accuracy(adjusted[mask], realtime.label[mask])
+    return out
+
+
 def _paper_k(preset: str) -> int:
     from stablesynth.presets import get_preset
 
@@ -545,9 +593,11 @@ def run_pipeline(cfg: RunConfig, out: Path, reuse: bool = True, log: Callable[[s
         run.timings["oracle"] = time.perf_counter() - t
         log(f"{'oracle':>15}: all {100 * oracle['accuracy']['all']['mean']:.1f} "
             f"(median fine-tuning {oracle['finetune_seconds']['median']:.2f} s per device)")
+    diag = None
     if base is not None and oracle is not None:
         informative = informative_check(run, base, realtime, oracle)
         log(informative["verdict"])
+        diag = diagnostics(run, base, run.data("history"), realtime)
     payload_rows = _payload_rows()
     from stablesynth.presets import get_preset
 
@@ -570,6 +620,7 @@ def run_pipeline(cfg: RunConfig, out: Path, reuse: bool = True, log: Callable[[s
         "stage1": {"history": run.stage1_info.get("history", []), "seconds": run.stage1_info.get("seconds", 0.0)},
         "timings": run.timings,
         "informative": informative,
+        "diagnostics": diag,
         "methods": results_methods,
         "oracle": oracle,
         "paper": {"preset": cfg.paper_preset, **paper},

@@ -31,6 +31,14 @@ def test_quick_demo_writes_valid_results_and_plots(quick_run: Path):
     assert duet["bytes"]["up"] == 5 * 192 * 4
     assert duet["flops"]["paper"] > 27_000_000  # DUET's full generator at K = 1501
     assert results["oracle"]["finetune_seconds"]["median"] > 0
+    enc = ours["encodings"]
+    assert enc["fp32"]["delta_points"] == 0.0
+    # Lossless encodings give exactly fp32's predictions; the compact ones are smaller on the wire.
+    assert enc["factors"]["accuracy"] == enc["fp32"]["accuracy"] == enc["driver"]["accuracy"]
+    assert enc["driver"]["bytes"] < enc["factors"]["bytes"] < enc["fp32"]["bytes"]
+    assert enc["int8"]["bytes"] < enc["fp16"]["bytes"] < enc["fp32"]["bytes"]
+    diag = results["diagnostics"]
+    assert 0.0 <= diag["device_probe_accuracy"] <= 1.0 and diag["chance"] == pytest.approx(1 / 3)
 
 
 def test_report_is_rendered_from_results_json_alone(quick_run: Path):

@@ -134,7 +134,7 @@ def test_config_defaults_are_the_papers():
 
 def test_bad_inputs_are_clear(tmp_path):
     with pytest.raises(ConfigError, match="preset"):
-        load_realdata_config("msrvtt-ret", data_root="/x")
+        load_realdata_config("easyvqa", data_root="/x")
     bad = tmp_path / "bad.yaml"
     bad.write_text("stage1: {epochs: 1, lr_typo: 3}\n")
     with pytest.raises(ConfigError, match="lr_typo"):

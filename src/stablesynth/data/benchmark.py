@@ -94,10 +94,10 @@ class BenchmarkConfig(Config):
     """
 
     seed: int = 0
-    n_devices: int = 12
-    n_unseen: int = 3
-    history_per_device: int = 300
-    realtime_per_device: int = 120
+    n_devices: int = 30
+    n_unseen: int = 6
+    history_per_device: int = 120
+    realtime_per_device: int = 60
     frames_per_clip: int = 5
     global_frames: int = 3
     image_size: int = 32

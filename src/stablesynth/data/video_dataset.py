@@ -202,6 +202,8 @@ class VideoMCDataset(VideoQADataset):
         self._source = _ClipSource(self.cfg, reader)
         self.rows = [(g, c) for g, r in enumerate(self.items) for c in range(len(r.options))]
         self.item_devices = [device_of(r.video_id, r.category, self.cfg) for r in self.items]
+        #: The device of every row (its item's), like VideoQADataset.devices.
+        self.devices = [self.item_devices[g] for g, _ in self.rows]
         # The device uploads one frame of the clip, the same for all of an item's candidates.
         self._choice = [_frame_choice(self.cfg.seed, r.sample_id, self.cfg.num_frames, self.cfg.global_frames)
                         for r in self.items]
@@ -210,6 +212,16 @@ class VideoMCDataset(VideoQADataset):
     def answers(self) -> torch.Tensor:
         """The right candidate of every item, [G] (for mc_accuracy)."""
         return torch.tensor([r.answer for r in self.items], dtype=torch.long)
+
+    @property
+    def row_group(self) -> torch.Tensor:
+        """The item of every row, [N_rows] (for rows_to_candidates)."""
+        return torch.tensor([g for g, _ in self.rows], dtype=torch.long)
+
+    @property
+    def row_candidate(self) -> torch.Tensor:
+        """The candidate index of every row, [N_rows]."""
+        return torch.tensor([c for _, c in self.rows], dtype=torch.long)
 
     def __len__(self) -> int:
         return len(self.rows)

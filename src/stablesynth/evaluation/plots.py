@@ -16,31 +16,25 @@ def _labels(results: dict[str, Any]) -> list[str]:
 
 
 def per_device_accuracy(results: dict[str, Any], path: Path, mode: str = "per_sample") -> Path:
-    """Grouped bars: accuracy of every method on every device, unseen devices hatched."""
-    methods = _labels(results)
+    """A methods × devices heat map of real-time accuracy (unseen devices starred), values printed."""
     devices = results["benchmark"]["devices"]
     ids = [str(d["id"]) for d in devices]
-    width = 0.8 / (len(methods) + 1)
-    fig, ax = plt.subplots(figsize=(max(8, len(ids) * 0.9), 4.5))
-    series = [(m, results["methods"][m]["accuracy"][mode]["per_device"]) for m in methods]
+    rows = [(m["label"], m["accuracy"][mode]["per_device"]) for m in results["methods"].values()]
     if results.get("oracle"):
-        series.append(("per-device fine-tuning (oracle)", results["oracle"]["accuracy"]["per_device"]))
-    for j, (name, per_dev) in enumerate(series):
-        xs = [i + (j - len(series) / 2) * width for i in range(len(ids))]
-        ys = [100 * per_dev.get(i, float("nan")) for i in ids]
-        bars = ax.bar(xs, ys, width=width, label=results["methods"].get(name, {}).get("label", name))
-        for bar, dev in zip(bars, devices):
-            if not dev["seen"]:
-                bar.set_hatch("//")
+        rows.append(("per-device fine-tuning", results["oracle"]["accuracy"]["per_device"]))
+    grid = [[100 * per_dev.get(i, float("nan")) for i in ids] for _, per_dev in rows]
+    fig, ax = plt.subplots(figsize=(max(8, 0.42 * len(ids) + 3), 0.55 * len(rows) + 1.6))
+    im = ax.imshow(grid, aspect="auto", cmap="viridis", vmin=max(0, min(min(r) for r in grid) - 5), vmax=100)
+    for r, row in enumerate(grid):
+        for c, v in enumerate(row):
+            ax.text(c, r, f"{v:.0f}", ha="center", va="center", fontsize=6, color="white" if v < 80 else "black")
+    ax.set_yticks(range(len(rows)))
+    ax.set_yticklabels([name for name, _ in rows], fontsize=8)
     ax.set_xticks(range(len(ids)))
-    ax.set_xticklabels([f"{d['id']}{'' if d['seen'] else '*'}" for d in devices])
-    ax.set_xlabel("device (* = unseen in training, hatched)")
-    ax.set_ylabel("accuracy (%)")
-    ax.set_title(f"Real-time accuracy per device ({mode.replace('_', ' ')} adaptation)")
-    lo = min(100 * v for _, pd in series for v in pd.values()) if series else 0
-    ax.set_ylim(max(0, lo - 10), 100)
-    ax.legend(fontsize=7, ncol=3, loc="lower right")
-    ax.grid(axis="y", alpha=0.3)
+    ax.set_xticklabels([f"{d['id']}{'' if d['seen'] else '*'}" for d in devices], fontsize=7)
+    ax.set_xlabel("device (* = never seen in training)")
+    ax.set_title(f"Real-time accuracy (%) per device, {mode.replace('_', '-')} adaptation")
+    fig.colorbar(im, ax=ax, fraction=0.02, pad=0.01)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -48,33 +42,45 @@ def per_device_accuracy(results: dict[str, Any], path: Path, mode: str = "per_sa
 
 
 def accuracy_vs_cost(results: dict[str, Any], path: Path) -> Path:
-    """Two panels: mean accuracy against bytes downloaded (fp32) and against cloud FLOPs."""
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    """Accuracy against bytes downloaded per adaptation, and against the cloud step's FLOPs.
+
+    Only adaptive methods download anything per upload; the global heads are drawn as lines.
+    """
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.4))
+    K = results["benchmark"]["num_classes"]
     for m in results["methods"].values():
         acc = 100 * m["accuracy"]["per_sample"]["all"]["mean"]
-        down = m["bytes"]["down"]
-        points = [("fp32", down["fp32"])]
-        for enc in ("factors", "driver"):
-            if down.get(enc):
-                points.append((enc, down[enc]))
-        xs = [p[1] for p in points]
-        line = axes[0].plot(xs, [acc] * len(xs), "o-", label=m["label"])[0]
-        for enc, x in points:
-            axes[0].annotate(enc, (x, acc), fontsize=6, xytext=(3, 3), textcoords="offset points",
-                             color=line.get_color())
-        flops = max(1, m["flops"]["benchmark"])
-        axes[1].scatter([flops], [acc], label=m["label"], s=40)
-        axes[1].annotate(m["label"], (flops, acc), fontsize=7, xytext=(3, 3), textcoords="offset points")
+        if not m["adaptive"]:
+            for ax in axes:
+                ax.axhline(acc, ls="--", lw=1, color="grey")
+                ax.annotate(f"{m['label']} (no per-upload step)", (0.01, acc), xycoords=("axes fraction", "data"),
+                            fontsize=7, color="grey", xytext=(0, 2), textcoords="offset points")
+            continue
+        if m.get("encodings"):
+            pts = sorted((e["bytes"], 100 * e["accuracy"], n) for n, e in m["encodings"].items())
+        else:
+            pts = [(m["bytes"]["down"]["fp32"], acc, "fp32")]
+        line = axes[0].plot([p[0] for p in pts], [p[1] for p in pts], "o-", label=m["label"], ms=4)[0]
+        for x, y, name in pts:
+            axes[0].annotate(name, (x, y), fontsize=6, xytext=(2, 3), textcoords="offset points",
+                             color=line.get_color(), rotation=30)
+        color = line.get_color()
+        axes[1].scatter([m["flops"]["benchmark"]], [acc], color=color, s=40, label=f"{m['label']} (K={K})")
+        axes[1].scatter([m["flops"]["paper"]], [acc], facecolors="none", edgecolors=color, s=40,
+                        label=f"{m['label']} (K={m['flops']['paper_K']})")
+    axes[1].axvline(0.62e6, ls=":", color="black", lw=1)
+    axes[1].annotate("paper: 0.62 M", (0.62e6, 0.02), xycoords=("data", "axes fraction"), fontsize=7)
     axes[0].set_xscale("log")
-    axes[0].set_xlabel("bytes downloaded per adaptation (log)")
+    axes[0].set_xlabel("bytes downloaded per adaptation, wire format incl. header (log)")
     axes[0].set_ylabel("mean accuracy over devices (%)")
-    axes[0].set_title("Accuracy vs download size")
+    axes[0].set_title("Accuracy vs download (measured per encoding)")
     axes[1].set_xscale("log")
-    axes[1].set_xlabel(f"cloud-step FLOPs per upload at K={results['benchmark']['num_classes']} (log)")
+    axes[1].set_xlabel("cloud-step FLOPs per upload (filled: benchmark K, hollow: paper K)")
     axes[1].set_title("Accuracy vs cloud compute")
     for ax in axes:
         ax.grid(alpha=0.3)
-    axes[0].legend(fontsize=7)
+    axes[0].legend(fontsize=7, loc="lower right")
+    axes[1].legend(fontsize=6, loc="lower right")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

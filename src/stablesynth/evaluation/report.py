@@ -7,6 +7,7 @@ schema_version, created, wall_seconds, versions{}, seed, config{}
 benchmark: num_classes, answers[], devices[{id, seen, ...}], counts{}, accuracy_convention
 stage1: history[{epoch, loss, train_accuracy, seconds}], seconds
 informative: {global_clean, global_seen, global_unseen, oracle_seen, oracle_unseen, verdict}  (DESIGN §5)
+diagnostics: {device_probe_accuracy, chance, global_<g>, prior_corrected_<g>}   g = seen, unseen
 methods.<name>:
   label, adaptive, train_seconds
   accuracy.<per_sample|per_session>: per_device{id: acc}, seen|unseen|all{mean, worst, std, n}
@@ -129,6 +130,11 @@ def transfer_ms(nbytes: float, mb_per_s: float) -> float:
     return nbytes / (mb_per_s * 1024 * 1024) * 1000
 
 
+def oracle_summary(results: dict[str, Any]) -> dict[str, Any] | None:
+    oracle = results.get("oracle")
+    return oracle["accuracy"] if oracle else None
+
+
 def _verdicts(results: dict[str, Any]) -> list[str]:
     """Plain sentences comparing StableSynthNet with each baseline, from the numbers alone."""
     methods = results["methods"]
@@ -195,6 +201,23 @@ def render_report(results: dict[str, Any], ablation: dict[str, Any] | None = Non
             f"| per-device fine-tuning (oracle), unseen devices | {_pct(inf['oracle_unseen'])} |",
             "",
             inf.get("verdict", ""),
+            "",
+        ]
+    diag = results.get("diagnostics")
+    if diag and oracle_summary(results):
+        o = oracle_summary(results)
+        lines += [
+            "### What one uploaded frame can tell the cloud",
+            "",
+            f"- A linear probe identifies a seen device from one uploaded frame feature with "
+            f"{_pct(diag['device_probe_accuracy'])} % accuracy (chance {_pct(diag['chance'])} %).",
+            f"- Re-weighting the global head by each device's answer frequencies in its history (its usage "
+            f"skew) gives {_pct(diag.get('prior_corrected_seen'))} on seen and "
+            f"{_pct(diag.get('prior_corrected_unseen'))} on unseen devices, against "
+            f"{_pct(diag.get('global_seen'))} / {_pct(diag.get('global_unseen'))} without and "
+            f"{_pct(o['seen']['mean'])} / {_pct(o['unseen']['mean'])} for per-device fine-tuning: that share "
+            "of the oracle's gain is the device's label prior, which an unlabeled frame of an unseen device "
+            "does not carry.",
             "",
         ]
     paper = results.get("paper", {})

@@ -1,4 +1,7 @@
-"""`stablesynth train` and `stablesynth eval`: the main job on the paper's real video QA datasets.
+"""`stablesynth train` and `stablesynth eval`: the main job on the paper's real video datasets.
+
+Open-ended QA (msrvtt-qa, msvd-qa, tgif-frameqa), multiple choice (msrvtt-mc) and
+retrieval (msrvtt-ret); see :mod:`stablesynth.training.realdata`.
 
 Under torchrun (``torchrun --nproc_per_node 2 -m stablesynth.cli train ...``) stage 1
 runs with DistributedDataParallel and the feature cache is split across the ranks.
@@ -16,13 +19,16 @@ def register(sub: argparse._SubParsersAction) -> None:
 
     t = sub.add_parser(
         "train",
-        help="train every method on a real video QA dataset (MSRVTT-QA, MSVD-QA, TGIF FrameQA)",
+        help="train every method on a real video dataset (MSRVTT-QA, MSVD-QA, TGIF FrameQA, MSRVTT-MC, "
+             "MSRVTT retrieval)",
         description=(
             "Reads the dataset's published annotation files under --data-root, decodes its videos, trains "
             "stage 1 (encoder + head), caches per-frame features, trains every method in stage 2 and evaluates "
             "each per device on the test split; writes results.json and report.md to --out. Hyper-parameters "
             "are the paper's (from the preset) unless --config overrides them. Finished stages in --out are "
-            "reused. Run under torchrun for multi-process stage 1 and feature extraction."
+            "reused. Run under torchrun for multi-process stage 1 and feature extraction. msrvtt-mc and msrvtt-ret "
+            "score (clip, text) pairs with one logit; both train on MSRVTT retrieval's (video, caption) pairs "
+            "with sampled negative captions (msrvtt-mc: or --train-from a file of MC items)."
         ),
     )
     t.add_argument("--preset", required=True, choices=SUPPORTED_PRESETS, help="dataset preset")
@@ -32,6 +38,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     t.add_argument("--frames-dir", type=Path, default=None,
                    help="pre-extracted frames: one folder of images per clip, FRAMES_DIR/<clip name>/")
     t.add_argument("--seed", type=int, default=None, help="override the run seed")
+    t.add_argument("--train-from", type=Path, default=None,
+                   help="msrvtt-mc only: train on this JSON-lines file of MC items (clip_name, options, answer) "
+                        "instead of MSRVTT retrieval's train pairs")
     t.set_defaults(func=_train)
 
     e = sub.add_parser(
@@ -55,7 +64,8 @@ def _train(args: argparse.Namespace) -> int:
 
     t0 = time.perf_counter()
     cfg = load_realdata_config(args.preset, args.config, data_root=str(args.data_root),
-                               frames_dir=str(args.frames_dir) if args.frames_dir else None, seed=args.seed)
+                               frames_dir=str(args.frames_dir) if args.frames_dir else None, seed=args.seed,
+                               train_from=str(args.train_from) if args.train_from else None)
     ctx = init_distributed()
     try:
         train_realdata(cfg, args.out, dist=ctx)
