@@ -225,13 +225,12 @@ class Run:
             )
 
         try:
-            path = extract()
+            return load_features(extract())
         except FeatureCacheError as exc:
-            # Stale: the encoder or the clips changed since it was written. Its rows are worthless now.
-            self.log(f"rebuilding {cache_dir}: {exc}")
+            # Stale (another encoder, other clips) or damaged: its rows are worthless, so rebuild once.
+            self.log(f"rebuilding {cache_dir}: {str(exc).split(';')[0]}")
             shutil.rmtree(cache_dir)
-            path = extract()
-        return load_features(path)
+            return load_features(extract())
 
     def cache_features(self) -> None:
         t = time.perf_counter()

@@ -3,6 +3,7 @@ fixtures in the published formats (MSR_VTT.json + JSFusion lists, msrvtt_mc_test
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -208,6 +209,11 @@ def test_negative_sampling_is_seeded_and_excludes_the_video():
         assert len(item.options) == 5 and item.options[item.answer] == p.caption
         others = [o for i, o in enumerate(item.options) if i != item.answer]
         assert all(not o.startswith(f"caption {p.video_id[1:]}.") for o in others)
+    # A sentence that also describes another video is never that video's negative.
+    same = [dataclasses.replace(p, caption="a red video") if p.sample_id % 3 == 0 else p for p in pairs]
+    for item in negative_sampled_items(same, negatives=4, seed=0):
+        others = [o for i, o in enumerate(item.options) if i != item.answer]
+        assert "a red video" not in others
 
 
 def test_all_pairs_items_put_the_truth_on_the_diagonal():

@@ -318,19 +318,27 @@ def _cap(items: list, n: int) -> list:
 def negative_sampled_items(pairs: Sequence[RetrievalRecord], negatives: int, seed: int) -> list[MCRecord]:
     """Each (video, caption) pair as one item: its caption among ``negatives`` captions of other videos.
 
-    The negatives and the right caption's position are drawn from ``seed`` and the pair's
-    sample id, so every run (train and eval) builds the same items.
+    A negative is never a caption of the pair's own video (the same sentence often
+    describes several videos; it would be a positive labelled 0). The negatives and the
+    right caption's position are drawn from ``seed`` and the pair's sample id, so every run
+    (train and eval) builds the same items.
     """
-    if len({p.video_id for p in pairs}) < 2:
-        raise DatasetFormatError("training pairs: negative captions need at least two videos")
+    own: dict[str, set[str]] = {}
+    for p in pairs:
+        own.setdefault(p.video_id, set()).add(p.caption)
     items: list[MCRecord] = []
     for p in pairs:
         rng = np.random.default_rng([seed, p.sample_id])
         negs: list[str] = []
-        while len(negs) < negatives:
+        for _ in range(1000 * negatives):
             other = pairs[int(rng.integers(len(pairs)))]
-            if other.video_id != p.video_id:
+            if other.caption not in own[p.video_id]:
                 negs.append(other.caption)
+                if len(negs) == negatives:
+                    break
+        else:
+            raise DatasetFormatError(f"training pairs: no negative caption for video {p.video_id!r} (every "
+                                     "caption drawn describes it too; negatives need other videos' captions)")
         pos = int(rng.integers(negatives + 1))
         options = (*negs[:pos], p.caption, *negs[pos:])
         items.append(MCRecord(sample_id=len(items), video_id=p.video_id, media_path=p.media_path,
