@@ -253,14 +253,28 @@ class Run:
 
     # -- methods ---------------------------------------------------------------------------
 
+    #: With True (re-evaluation), a method without a matching checkpoint is an error, not a reason to train.
+    require_checkpoints: bool = False
+    #: Prefix of the model ids written into method checkpoints (the served model's name).
+    model_prefix: str = "easyvqa"
+
+    def answer_names(self) -> list[str]:
+        return self.bench.answer_names
+
+    def num_categories(self, kind: str) -> int:
+        return self.bench.num_categories(kind)
+
+    def method_class(self, name: str) -> type[Method]:
+        return METHODS.get(name)
+
     def build_method(self, name: str, num_classes: int | None = None,
                      overrides: dict[str, Any] | None = None) -> Method:
         mcfg = self.cfg.method_config(name)
         if overrides:
             mcfg = mcfg.replace(**overrides)
-        if mcfg.category != "answer" and mcfg.num_categories is None:
-            mcfg = mcfg.replace(num_categories=self.bench.num_categories(mcfg.category))
-        method = METHODS.get(name)(mcfg, num_classes or self.K)
+        if mcfg.num_categories is None and mcfg.category != "answer":
+            mcfg = mcfg.replace(num_categories=self.num_categories(mcfg.category))
+        method = self.method_class(name)(mcfg, num_classes or self.K)
         if num_classes is None:
             src = self.initial if name == "f_linear" else self.model
             method.init_from_head(src.static, src.classifier.weight.detach(), src.classifier.bias.detach())
@@ -271,7 +285,7 @@ class Run:
         mcfg = method.cfg
         ckpt = self.out / "methods" / name
         stage1_sha = read_manifest(self.out / "stage1")["sha256"]
-        if self.reuse and (ckpt / "manifest.json").exists():
+        if (self.reuse or self.require_checkpoints) and (ckpt / "manifest.json").exists():
             try:
                 manifest = read_manifest(ckpt)
                 if manifest.get("config") == mcfg.to_dict() and manifest.get("stage1_sha256") == stage1_sha:
@@ -279,7 +293,11 @@ class Run:
                     self.log(f"stage 2 {name}: reusing {ckpt}")
                     return method, float(manifest.get("train_seconds", 0.0))
             except CheckpointError as exc:
+                if self.require_checkpoints:
+                    raise
                 self.log(f"stage 2 {name}: not reusing {ckpt} ({exc})")
+        if self.require_checkpoints:
+            raise CheckpointError(f"{ckpt}: no checkpoint of {name} made by this run's stage 1 and config")
         train_seconds = 0.0
         if method.trains_in_stage2:
             history_key = "init_history" if name == "f_linear" else "history"
@@ -294,8 +312,8 @@ class Run:
             train_seconds = float(self.stage1_info.get("seconds", 0.0))
         save_module(ckpt, method, {
             "kind": "method", "method": name, "config": mcfg.to_dict(), "num_classes": self.K,
-            "model_id": f"easyvqa-{name}", "model_version": stage1_sha[:12], "stage1_sha256": stage1_sha,
-            "train_seconds": train_seconds, "answers": self.bench.answer_names,
+            "model_id": f"{self.model_prefix}-{name}", "model_version": stage1_sha[:12],
+            "stage1_sha256": stage1_sha, "train_seconds": train_seconds, "answers": self.answer_names(),
         })
         return method, train_seconds
 

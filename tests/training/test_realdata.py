@@ -120,7 +120,7 @@ def test_second_train_reuses_finished_stages(trained, capsys):
     assert main(["train", "--preset", "msrvtt-qa", "--data-root", str(data), "--out", str(out),
                  "--config", str(cfg)]) == 0
     logs = capsys.readouterr().out
-    assert "reusing finished checkpoint" in logs and "stage 2 stablesynth: using" in logs
+    assert "reusing finished checkpoint" in logs and "stage 2 stablesynth: reusing" in logs
 
 
 def test_config_defaults_are_the_papers():

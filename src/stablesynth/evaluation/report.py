@@ -182,7 +182,8 @@ def render_report(results: dict[str, Any], ablation: dict[str, Any] | None = Non
         f"Generated {results['created']} by `{results.get('command', 'stablesynth demo')}`; "
         f"wall time {results['wall_seconds']:.0f} s. "
         f"{len(b['devices'])} devices ({n_seen} seen in training, {len(b['devices']) - n_seen} unseen), "
-        f"K = {K} answers, seed {results['seed']}. Accuracy: {b.get('accuracy_convention', 'top-1')}. "
+        f"K = {K} {'answers' if K > 1 else 'output (one score per pair)'}, seed {results['seed']}. "
+        f"Accuracy: {b.get('accuracy_convention', 'top-1')}. "
         "Every number below is read from `results.json` in this folder.",
         "",
     ]
@@ -228,7 +229,8 @@ def render_report(results: dict[str, Any], ablation: dict[str, Any] | None = Non
         "",
         "Per-sample mode: every real-time clip uploads one of its own frames. Time to adapt = measured "
         "median from one uploaded feature to a device model that predicts (in process; the network round "
-        "trip is in `stablesynth bench serve`). Paper columns: MSRVTT-QA, Table 1.",
+        "trip is in `stablesynth bench serve`). Paper columns: "
+        f"{results.get('paper', {}).get('preset', 'msrvtt-qa')}, Table 1 (Table 6 for multiple choice).",
         "",
         "| method | seen mean | seen worst | seen std | unseen mean | unseen worst | unseen std | "
         "time to adapt | paper acc | paper delay |",

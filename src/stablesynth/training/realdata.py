@@ -83,14 +83,10 @@ from stablesynth.presets import TaskPreset, get_preset
 from stablesynth.training.checkpoint import (
     CheckpointError,
     load_checkpoint,
-    load_module_state,
-    read_manifest,
-    save_module,
 )
 from stablesynth.training.distributed import SINGLE, DistContext, shard_indices
 from stablesynth.training.features import extract_features, load_features, module_fingerprint
 from stablesynth.training.stage1 import GlobalModel, Stage1Config, train_stage1
-from stablesynth.training.stage2 import train_method
 
 assert stablesynth.methods  # importing the package registers every method
 
@@ -438,6 +434,8 @@ class RealDataRun(Run):
         self.cfg = cfg  # type: ignore[assignment]
         self.out = Path(out)
         self.mode = mode
+        self.require_checkpoints = mode == "eval"
+        self.model_prefix = cfg.preset
         self.dist = dist or SINGLE
         self.log = self.dist.log(log)
         self.reuse = True
@@ -611,54 +609,24 @@ class RealDataRun(Run):
 
     # -- stage 2 -----------------------------------------------------------------------------
 
+    def answer_names(self) -> list[str]:
+        return self.vocab.labels
+
+    def num_categories(self, kind: str) -> int:
+        return {"question_type": 4, "device": max(self.device_ids) + 1, "answer": 2}[kind]
+
+    def method_class(self, name: str) -> type[Method]:
+        cls = METHODS.get(name)
+        return pair_method_class(cls) if self.cfg.is_pair else cls
+
     def build_method(self, name: str, num_classes: int | None = None,
                      overrides: dict[str, Any] | None = None) -> Method:
-        mcfg = self.cfg.method_config(name)
-        if overrides:
-            mcfg = mcfg.replace(**overrides)
-        if mcfg.num_categories is None and (mcfg.category != "answer" or self.cfg.is_pair):
+        if self.cfg.is_pair:
             # A pair task's "answer" is match / non-match: two categories for K = 1.
-            counts = {"question_type": 4, "device": max(self.device_ids) + 1, "answer": 2}
-            mcfg = mcfg.replace(num_categories=counts[mcfg.category])
-        cls = METHODS.get(name)
-        method = (pair_method_class(cls) if self.cfg.is_pair else cls)(mcfg, num_classes or self.K)
-        if num_classes is None:
-            src = self.initial if name == "f_linear" else self.model
-            method.init_from_head(src.static, src.classifier.weight.detach(), src.classifier.bias.detach())
-        return method
-
-    def train_or_load(self, name: str) -> tuple[Method, float]:
-        method = self.build_method(name)
-        mcfg = method.cfg
-        ckpt = self.out / "methods" / name
-        stage1_sha = read_manifest(self.out / "stage1")["sha256"]
-        if (ckpt / "manifest.json").exists():
-            try:
-                manifest = read_manifest(ckpt)
-                if manifest.get("config") == mcfg.to_dict() and manifest.get("stage1_sha256") == stage1_sha:
-                    load_module_state(ckpt, method, expect_kind="method")
-                    self.log(f"stage 2 {name}: using {ckpt}")
-                    return method, float(manifest.get("train_seconds", 0.0))
-            except CheckpointError as exc:
-                if self.mode == "eval":
-                    raise
-                self.log(f"stage 2 {name}: not reusing {ckpt} ({exc})")
-        if self.mode == "eval":
-            raise CheckpointError(f"{ckpt}: no checkpoint of {name} made by this run's stage 1 and config")
-        if method.trains_in_stage2:
-            data = self.data("init_history" if name == "f_linear" else "history", mcfg.category, devices="seen")
-            info = train_method(method, data, mcfg.epochs, mcfg.batch_size, mcfg.lr, mcfg.weight_decay,
-                                seed=self.cfg.seed, desc=f"stage 2 {name}")
-            train_seconds = info["seconds"]
-            self.log(f"stage 2 {name}: {info['steps']} steps in {train_seconds:.1f} s")
-        else:
-            train_seconds = float(self.stage1_info.get("seconds", 0.0))
-        save_module(ckpt, method, {
-            "kind": "method", "method": name, "config": mcfg.to_dict(), "num_classes": self.K,
-            "model_id": f"{self.cfg.preset}-{name}", "model_version": stage1_sha[:12],
-            "stage1_sha256": stage1_sha, "train_seconds": train_seconds, "answers": self.vocab.labels,
-        })
-        return method, train_seconds
+            mcfg = self.cfg.method_config(name)
+            if mcfg.num_categories is None and mcfg.category == "answer":
+                overrides = {"num_categories": 2, **(overrides or {})}
+        return super().build_method(name, num_classes, overrides)
 
     # -- multiple choice / retrieval evaluation ------------------------------------------------
 
