@@ -30,6 +30,7 @@ from tqdm.auto import tqdm
 
 import stablesynth
 import stablesynth.methods
+from stablesynth.checkpoint import CheckpointError, load_module_state, read_manifest, save_module
 from stablesynth.config import Config, ConfigError, require
 from stablesynth.data.batch import FeatureBatch
 from stablesynth.data.benchmark import BenchmarkConfig, DeviceBenchmark, devices_grid_png, make_loader
@@ -40,7 +41,7 @@ from stablesynth.evaluation.report import SCHEMA_VERSION, render_report, validat
 from stablesynth.methods.base import METHODS, Method
 from stablesynth.methods.config import default_method_config
 from stablesynth.models.encoder import ENCODERS, create_model
-from stablesynth.training.checkpoint import CheckpointError, load_module_state, read_manifest, save_module
+from stablesynth.models.global_model import GlobalModel
 from stablesynth.training.features import (
     FeatureCacheError,
     extract_features,
@@ -48,7 +49,7 @@ from stablesynth.training.features import (
     module_fingerprint,
     to_feature_batch,
 )
-from stablesynth.training.stage1 import GlobalModel, Stage1Config, train_stage1
+from stablesynth.training.stage1 import Stage1Config, train_stage1
 from stablesynth.training.stage2 import predict_per_sample, predict_per_session, train_method
 
 METHOD_LABELS = {

@@ -4,7 +4,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from stablesynth.config import ConfigError
 from stablesynth.data.batch import FeatureBatch
-from stablesynth.methods import METHODS, MethodConfig, create_method, default_method_config
+from stablesynth.methods import METHODS, MethodConfig, build_method, default_method_config
 from stablesynth.models.device import StaticHead
 from stablesynth.registry import UnknownNameError
 
@@ -26,7 +26,7 @@ def _batch(n: int = 64, seed: int = 0, frames: int = 6) -> FeatureBatch:
 def _method(name: str, **overrides) -> torch.nn.Module:
     torch.manual_seed(0)
     cfg = default_method_config(name, dropout=0.0, **overrides)
-    return create_method(name, K, cfg)
+    return build_method(name, K, cfg)
 
 
 def test_registry_and_defaults():
@@ -152,11 +152,11 @@ def _cloud_flops(m, k: int) -> int:
 
 def test_cloud_step_flops_at_msrvtt_size():
     k = 1501
-    duet = create_method("duet", k)
+    duet = build_method("duet", k)
     assert _cloud_flops(duet, k) >= 2 * 96 * 97 * k
     # Few categories (e.g. question types): the label-free template choice costs 2·192·Q.
     for gen in ("film", "lowrank"):
         cfg = default_method_config("stablesynth", generator=gen, num_categories=4)
-        s = create_method("stablesynth", k, cfg)
+        s = build_method("stablesynth", k, cfg)
         s.templates.update(torch.randn(8, 192), torch.arange(4).repeat(2))
         assert _cloud_flops(s, k) <= 620_000

@@ -5,8 +5,7 @@ import pytest
 import torch
 from torch import nn
 
-from stablesynth.models.encoder import create_model
-from stablesynth.training.checkpoint import (
+from stablesynth.checkpoint import (
     FORMAT_VERSION,
     CheckpointError,
     load_checkpoint,
@@ -14,6 +13,7 @@ from stablesynth.training.checkpoint import (
     save_checkpoint,
     save_module,
 )
+from stablesynth.models.encoder import create_model
 
 
 def _tensors():

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from stablesynth.training.checkpoint import load_checkpoint
+from stablesynth.checkpoint import load_checkpoint
 from stablesynth.training.distributed import SINGLE, init_distributed, shard_indices
 from stablesynth.training.features import load_features
 
@@ -58,7 +58,8 @@ SCRIPT = textwrap.dedent('''
     from stablesynth.models.encoder import create_model
     from stablesynth.training.distributed import cleanup, init_distributed, shard_indices
     from stablesynth.training.features import extract_features
-    from stablesynth.training.stage1 import GlobalModel, Stage1Config, train_stage1
+    from stablesynth.models.global_model import GlobalModel
+    from stablesynth.training.stage1 import Stage1Config, train_stage1
 
     out, global_batch = Path(sys.argv[1]), int(sys.argv[2])
     ctx = init_distributed()

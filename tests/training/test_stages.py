@@ -5,13 +5,14 @@ from pathlib import Path
 import pytest
 import torch
 
+from stablesynth.checkpoint import read_manifest
 from stablesynth.data.batch import FeatureBatch
 from stablesynth.data.benchmark import BenchmarkConfig, DeviceBenchmark, make_loader
-from stablesynth.methods import create_method
+from stablesynth.methods import build_method
 from stablesynth.models.encoder import create_model
-from stablesynth.training.checkpoint import read_manifest
+from stablesynth.models.global_model import GlobalModel, encode_frames
 from stablesynth.training.features import FeatureCacheError, extract_features, load_features, module_fingerprint
-from stablesynth.training.stage1 import GlobalModel, Stage1Config, encode_frames, polynomial_decay, train_stage1
+from stablesynth.training.stage1 import Stage1Config, polynomial_decay, train_stage1
 from stablesynth.training.stage2 import paired_batches, predict_per_session, train_method
 
 
@@ -124,7 +125,7 @@ def test_stage2_is_seeded_and_learns():
     losses = []
     for _ in range(2):
         torch.manual_seed(0)
-        m = create_method("stablesynth", 4)
+        m = build_method("stablesynth", 4)
         info = train_method(m, data, epochs=8, batch_size=32, lr=1e-3, weight_decay=0.0, seed=3)
         losses.append([h["ce"] for h in info["history"]])
     assert losses[0] == losses[1]
@@ -133,7 +134,7 @@ def test_stage2_is_seeded_and_learns():
 
 def test_per_session_mode_uses_one_upload_for_every_clip():
     data = _synthetic(n=10)
-    m = create_method("f_hyper", 4).eval()
+    m = build_method("f_hyper", 4).eval()
     preds = predict_per_session(m, data)
     params = m.adapt(m.upload(data.index(slice(0, 1))))
     expected = m.predict(data.f_g, {k: v[0] for k, v in params.items()}).argmax(-1)

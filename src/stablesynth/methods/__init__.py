@@ -3,15 +3,27 @@
 Importing this package registers every method: fine_tune, f_linear, f_hyper, duet, stablesynth.
 """
 
+from collections.abc import Mapping
+from typing import Any
+
 from stablesynth.methods import baselines, stablesynth
 from stablesynth.methods.base import METHODS, Method
 from stablesynth.methods.config import MethodConfig, default_method_config
 
 
-def create_method(name: str, num_classes: int, cfg: MethodConfig | None = None) -> Method:
-    """Build a registered method; ``cfg`` defaults to :func:`default_method_config` for ``name``."""
-    return METHODS.get(name)(cfg if cfg is not None else default_method_config(name), num_classes)
+def build_method(name: str, num_classes: int, cfg: MethodConfig | Mapping[str, Any] | None = None) -> Method:
+    """The one way to construct a registered method.
+
+    ``cfg`` is a :class:`MethodConfig`, a plain dict (a checkpoint manifest's ``config``) or
+    ``None`` for the method's defaults.
+    """
+    cls = METHODS.get(name)
+    if cfg is None:
+        cfg = default_method_config(name)
+    elif not isinstance(cfg, MethodConfig):
+        cfg = MethodConfig.from_dict(dict(cfg))
+    return cls(cfg, num_classes)
 
 
-__all__ = ["METHODS", "Method", "MethodConfig", "baselines", "create_method", "default_method_config",
+__all__ = ["METHODS", "Method", "MethodConfig", "baselines", "build_method", "default_method_config",
            "stablesynth"]

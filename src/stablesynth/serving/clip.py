@@ -100,9 +100,9 @@ def load_benchmark(run_dir: Path, fingerprint: str | None) -> Any:
 
 def load_encoder(run_dir: Path) -> tuple[torch.nn.Module, dict[str, Any]]:
     """The stage-1 model (encoder + head) of ``run_dir`` in eval mode, and its manifest."""
+    from stablesynth.checkpoint import CheckpointError, load_checkpoint
     from stablesynth.models.encoder import create_model
-    from stablesynth.training.checkpoint import CheckpointError, load_checkpoint
-    from stablesynth.training.stage1 import GlobalModel
+    from stablesynth.models.global_model import GlobalModel
 
     stage1 = run_dir / "stage1"
     try:
@@ -126,7 +126,7 @@ def load_encoder(run_dir: Path) -> tuple[torch.nn.Module, dict[str, Any]]:
 def clip_features(run_dir: str | Path, device: int, clip: int) -> ClipFeatures:
     """Render and encode clip ``clip`` (0-based) of device ``device``'s real-time session."""
     from stablesynth.data.benchmark import make_loader
-    from stablesynth.training.stage1 import encode_frames
+    from stablesynth.models.global_model import encode_frames
 
     run = Path(run_dir)
     if not run.is_dir():

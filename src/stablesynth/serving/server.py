@@ -124,7 +124,7 @@ def save_cloud_model(directory: str | Path, method: Method, model_id: str, versi
 
     ``method_config``/``num_classes`` default to the method's ``cfg``/``num_classes`` attributes.
     """
-    from stablesynth.training import checkpoint
+    from stablesynth import checkpoint
 
     cfg_obj = getattr(method, "cfg", None)
     if method_config is None:
@@ -147,7 +147,7 @@ def load_cloud_model(checkpoint_dir: str | Path, model_id: str | None = None,
     version to its ``model_version`` (else the first 12 hex digits of the weights' SHA-256,
     so a retrained checkpoint is a new version without anyone having to say so).
     """
-    from stablesynth.training import checkpoint
+    from stablesynth import checkpoint
 
     directory = Path(checkpoint_dir)
     manifest = checkpoint.read_manifest(directory)

@@ -20,8 +20,8 @@ from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from stablesynth.data.batch import FeatureBatch
+from stablesynth.models.global_model import encode_frames
 from stablesynth.training.distributed import SINGLE, DistContext
-from stablesynth.training.stage1 import encode_frames
 
 ROW_KEYS = ("label", "device", "question_type", "upload_index", "global_index", "sample_id")
 CACHE_FORMAT = 1

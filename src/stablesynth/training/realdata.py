@@ -56,6 +56,10 @@ import numpy as np
 import torch
 
 import stablesynth.methods
+from stablesynth.checkpoint import (
+    CheckpointError,
+    load_checkpoint,
+)
 from stablesynth.config import Config, ConfigError, require
 from stablesynth.data.batch import FeatureBatch
 from stablesynth.data.formats import (
@@ -78,15 +82,12 @@ from stablesynth.evaluation.report import SCHEMA_VERSION
 from stablesynth.methods.base import METHODS, Method
 from stablesynth.methods.config import default_method_config
 from stablesynth.models.encoder import ENCODERS, create_model
+from stablesynth.models.global_model import GlobalModel
 from stablesynth.pipeline import ALL_METHODS, METHOD_LABELS, Run, _json_safe, _payload_rows, versions, write_outputs
 from stablesynth.presets import TaskPreset, get_preset
-from stablesynth.training.checkpoint import (
-    CheckpointError,
-    load_checkpoint,
-)
 from stablesynth.training.distributed import SINGLE, DistContext, shard_indices
 from stablesynth.training.features import extract_features, load_features, module_fingerprint
-from stablesynth.training.stage1 import GlobalModel, Stage1Config, train_stage1
+from stablesynth.training.stage1 import Stage1Config, train_stage1
 
 assert stablesynth.methods  # importing the package registers every method
 

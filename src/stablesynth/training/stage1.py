@@ -19,9 +19,9 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from stablesynth.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from stablesynth.config import Config, require
-from stablesynth.models.device import HIDDEN_DIM, StaticHead
-from stablesynth.training.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from stablesynth.models.global_model import GlobalModel
 from stablesynth.training.distributed import SINGLE, DistContext
 
 
@@ -50,42 +50,6 @@ class Stage1Config(Config):
         require(0 <= self.warmup_ratio < 1, "warmup_ratio", "must be in [0, 1)")
         require(0 <= self.head_dropout < 1, "head_dropout", "must be in [0, 1)")
         require(self.max_steps_per_epoch >= 0, "max_steps_per_epoch", "must be >= 0 (0 = no cap)")
-
-
-def encode_frames(encoder: nn.Module, frames: torch.Tensor, input_ids: torch.Tensor,
-                  attention_mask: torch.Tensor) -> torch.Tensor:
-    """Per-frame features F_m [B, F, 192], each frame encoded on its own with the question.
-
-    Frames go through the encoder one position at a time so that a frame's feature does
-    not depend on where in the clip it sits: the device uploads any one frame, and the
-    cloud must read it the same way whichever it is.
-    """
-    b, f = frames.shape[:2]
-    flat = frames.reshape(b * f, 1, *frames.shape[2:])
-    ids = input_ids.repeat_interleave(f, dim=0)
-    mask = attention_mask.repeat_interleave(f, dim=0)
-    return encoder(flat, ids, mask).reshape(b, f, -1)
-
-
-class GlobalModel(nn.Module):
-    """Encoder + device head with static last layer: the cloud model of the Fine-tuning baseline."""
-
-    def __init__(self, encoder: nn.Module, num_classes: int, dropout: float = 0.5):
-        super().__init__()
-        self.encoder = encoder
-        self.static = StaticHead(encoder.feature_dim, HIDDEN_DIM, dropout)
-        self.classifier = nn.Linear(HIDDEN_DIM, num_classes)
-
-    def clip_features(self, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
-        """F_g: mean of the encoder features of the clip's D sampled frames."""
-        frames = batch["frames"]
-        idx = batch["global_index"]
-        b = torch.arange(frames.shape[0]).unsqueeze(1)
-        chosen = frames[b, idx]
-        return encode_frames(self.encoder, chosen, batch["input_ids"], batch["attention_mask"]).mean(dim=1)
-
-    def forward(self, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
-        return self.classifier(self.static(self.clip_features(batch)))
 
 
 def polynomial_decay(step: int, total: int, warmup: int, power: float = 1.0) -> float:
