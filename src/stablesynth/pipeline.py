@@ -19,12 +19,12 @@ import platform
 import shutil
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 from typing import Any
 
 import torch
+from pydantic import Field
 from torch import nn
 from tqdm.auto import tqdm
 
@@ -62,7 +62,6 @@ METHOD_LABELS = {
 ALL_METHODS = ("f_linear", "fine_tune", "f_hyper", "duet", "stablesynth")
 
 
-@dataclass
 class OracleConfig(Config):
     """Per-device fine-tuning reference: the stage-1 head tuned on one device's history."""
 
@@ -71,29 +70,28 @@ class OracleConfig(Config):
     lr: float = 1e-3
     batch_size: int = 64
 
-    def validate(self) -> None:
+    def check(self) -> None:
         require(self.epochs >= 1, "epochs", "must be >= 1")
         require(self.lr > 0, "lr", "must be > 0")
         require(self.batch_size >= 1, "batch_size", "must be >= 1")
 
 
-@dataclass
 class RunConfig(Config):
     """Everything one demo / training run needs; loaded from YAML/TOML and validated."""
 
     seed: int = 0
     encoder: str = "allinone-cpu"
-    encoder_overrides: dict[str, Any] = field(default_factory=dict)
-    benchmark: BenchmarkConfig = field(default_factory=BenchmarkConfig)
-    stage1: Stage1Config = field(default_factory=Stage1Config)
-    methods: list[str] = field(default_factory=lambda: list(ALL_METHODS))
-    method_overrides: dict[str, dict[str, Any]] = field(default_factory=dict)
-    oracle: OracleConfig = field(default_factory=OracleConfig)
+    encoder_overrides: dict[str, Any] = Field(default_factory=dict)
+    benchmark: BenchmarkConfig = Field(default_factory=BenchmarkConfig)
+    stage1: Stage1Config = Field(default_factory=Stage1Config)
+    methods: list[str] = Field(default_factory=lambda: list(ALL_METHODS))
+    method_overrides: dict[str, dict[str, Any]] = Field(default_factory=dict)
+    oracle: OracleConfig = Field(default_factory=OracleConfig)
     eval_batch_size: int = 128
     adapt_timing_repeats: int = 200
     paper_preset: str = "msrvtt-qa"
 
-    def validate(self) -> None:
+    def check(self) -> None:
         if self.encoder not in ENCODERS:
             raise ConfigError(f"encoder: unknown encoder preset {self.encoder!r} (known: {', '.join(ENCODERS)})")
         require(len(self.methods) > 0, "methods", "must name at least one method")

@@ -27,7 +27,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from stablesynth.config import Config, require
+from stablesynth.config import Config, FloatPair, require
 from stablesynth.data.devices import (
     CaptureProfile,
     DeviceSpec,
@@ -84,7 +84,6 @@ def _range(cfg: Config, key: str, lo_min: float | None = None, lo_gt: float | No
         require(lo > lo_gt, key, f"low must be > {lo_gt}, got {lo}")
 
 
-@dataclass
 class BenchmarkConfig(Config):
     """Everything that defines the benchmark; the same config (and seed) gives the same benchmark.
 
@@ -104,18 +103,18 @@ class BenchmarkConfig(Config):
     max_question_len: int = 16
     skew_over: Literal["answer", "question_type"] = "answer"
     skew_alpha: float = 0.5
-    gain_range: tuple[float, float] = (0.55, 1.45)
-    gamma_range: tuple[float, float] = (0.7, 1.45)
-    contrast_range: tuple[float, float] = (0.7, 1.3)
-    brightness_range: tuple[float, float] = (-0.1, 0.1)
-    noise_range: tuple[float, float] = (0.0, 0.06)
-    blur_range: tuple[float, float] = (0.0, 1.2)
+    gain_range: FloatPair = (0.55, 1.45)
+    gamma_range: FloatPair = (0.7, 1.45)
+    contrast_range: FloatPair = (0.7, 1.3)
+    brightness_range: FloatPair = (-0.1, 0.1)
+    noise_range: FloatPair = (0.0, 0.06)
+    blur_range: FloatPair = (0.0, 1.2)
     drift: float = 0.05
     jitter_shift_px: float = 2.0
     jitter_noise_std: float = 0.01
     jitter_brightness_std: float = 0.02
 
-    def validate(self) -> None:
+    def check(self) -> None:
         require(self.n_devices >= 1, "n_devices", f"must be >= 1, got {self.n_devices}")
         require(self.n_unseen >= 0, "n_unseen", f"must be >= 0, got {self.n_unseen}")
         require(
@@ -265,7 +264,7 @@ class DeviceBenchmark:
     @classmethod
     def build(cls, cfg: BenchmarkConfig | None = None, data: EasyVQA | None = None) -> DeviceBenchmark:
         cfg = cfg if cfg is not None else BenchmarkConfig()
-        cfg.validate()
+        cfg.check()
         data = data if data is not None else load_easyvqa()
         n_cat = data.num_answers if cfg.skew_over == "answer" else len(QUESTION_TYPES)
         devices = sample_devices(

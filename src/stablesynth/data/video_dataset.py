@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
@@ -52,7 +51,6 @@ CLIP_KEYS: tuple[str, ...] = ("frames", "input_ids", "attention_mask", "label", 
 MC_KEYS: tuple[str, ...] = (*CLIP_KEYS, "group", "candidate")
 
 
-@dataclass
 class VideoDatasetConfig(Config):
     """How clips become loader items (see the module docstring for the device grouping)."""
 
@@ -65,7 +63,7 @@ class VideoDatasetConfig(Config):
     n_devices: int = 20
     seed: int = 0
 
-    def validate(self) -> None:
+    def check(self) -> None:
         require(self.num_frames >= 1, "num_frames", f"must be >= 1, got {self.num_frames}")
         require(1 <= self.global_frames <= self.num_frames, "global_frames",
                 f"must be in [1, num_frames={self.num_frames}], got {self.global_frames}")
@@ -143,7 +141,7 @@ class VideoQADataset(Dataset):
     def __init__(self, records: Sequence[QARecord], encode: Encode, cfg: VideoDatasetConfig | None = None,
                  reader: FrameReader = read_clip) -> None:
         self.cfg = cfg or VideoDatasetConfig()
-        self.cfg.validate()
+        self.cfg.check()
         self.records = list(records)
         for r in self.records:
             if not isinstance(r, QARecord):
@@ -193,7 +191,7 @@ class VideoMCDataset(VideoQADataset):
     def __init__(self, records: Sequence[MCRecord], encode: Encode, cfg: VideoDatasetConfig | None = None,
                  reader: FrameReader = read_clip) -> None:
         self.cfg = cfg or VideoDatasetConfig()
-        self.cfg.validate()
+        self.cfg.check()
         self.items = list(records)
         for r in self.items:
             if not isinstance(r, MCRecord):

@@ -3,14 +3,12 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 from typing import Any, Literal
 
 from stablesynth.config import Config, require
 from stablesynth.registry import UnknownNameError
 
 
-@dataclass
 class MethodConfig(Config):
     """Hyper-parameters of stage 2 and of the hypernetwork methods (DESIGN §3).
 
@@ -55,7 +53,7 @@ class MethodConfig(Config):
     epochs: int = 40
     batch_size: int = 256
 
-    def validate(self) -> None:
+    def check(self) -> None:
         require(self.rank >= 1, "rank", f"must be >= 1, got {self.rank}")
         require(self.code_dim >= 1, "code_dim", f"must be >= 1, got {self.code_dim}")
         require(self.driver_dim >= 1, "driver_dim", f"must be >= 1, got {self.driver_dim}")

@@ -48,12 +48,12 @@ import json
 import math
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+from pydantic import Field
 
 import stablesynth.methods
 from stablesynth.checkpoint import (
@@ -98,7 +98,6 @@ SUPPORTED_PRESETS: tuple[str, ...] = (*QA_DATASETS, *PAIR_PRESETS)
 RUN_CONFIG_FILE = "run_config.json"
 
 
-@dataclass
 class RealDataConfig(Config):
     """One real-data run; defaults come from the preset (see :func:`load_realdata_config`)."""
 
@@ -113,12 +112,12 @@ class RealDataConfig(Config):
     seed: int = 0
     #: Encoder preset ("" = the preset's, allinone-ti for the paper's datasets).
     encoder: str = ""
-    encoder_overrides: dict[str, Any] = field(default_factory=dict)
+    encoder_overrides: dict[str, Any] = Field(default_factory=dict)
     #: K of the dynamic layer (0 = the preset's, which gives the paper's bytes).
     num_classes: int = 0
     #: VideoDatasetConfig fields (num_frames, global_frames, device_by, n_devices); image size
     #: and text length follow the encoder.
-    video: dict[str, Any] = field(default_factory=dict)
+    video: dict[str, Any] = Field(default_factory=dict)
     #: Frame sampling while training stage 1 (All-in-One: random); caches are always uniform.
     train_sampling: str = "random"
     train_split: str = "train"
@@ -127,12 +126,12 @@ class RealDataConfig(Config):
     max_train: int = 0
     max_test: int = 0
     #: Device ids held out of training, reported as "unseen".
-    unseen_devices: list[int] = field(default_factory=list)
-    stage1: Stage1Config = field(default_factory=Stage1Config)
-    methods: list[str] = field(default_factory=lambda: list(ALL_METHODS))
+    unseen_devices: list[int] = Field(default_factory=list)
+    stage1: Stage1Config = Field(default_factory=Stage1Config)
+    methods: list[str] = Field(default_factory=lambda: list(ALL_METHODS))
     #: Stage-2 settings for every method (e.g. epochs, batch_size); method_overrides win.
-    stage2: dict[str, Any] = field(default_factory=dict)
-    method_overrides: dict[str, dict[str, Any]] = field(default_factory=dict)
+    stage2: dict[str, Any] = Field(default_factory=dict)
+    method_overrides: dict[str, dict[str, Any]] = Field(default_factory=dict)
     #: Multiple choice / retrieval: sampled negative captions per training (video, caption) pair.
     negatives: int = 4
     #: Multiple choice: train on this JSON-lines file of MC items (clip_name, options, answer[, question]),
@@ -143,7 +142,7 @@ class RealDataConfig(Config):
     num_workers: int = 0
     adapt_timing_repeats: int = 200
 
-    def validate(self) -> None:
+    def check(self) -> None:
         if self.preset not in SUPPORTED_PRESETS:
             raise ConfigError(f"preset: {self.preset!r} is not trainable here (supported: "
                               f"{', '.join(SUPPORTED_PRESETS)})")
