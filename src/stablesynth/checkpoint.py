@@ -3,7 +3,16 @@
 The manifest records the format version, the kind of checkpoint, when and with which
 package versions it was written, every tensor's shape and dtype and the SHA-256 of the
 weights file, plus the caller's fields (method name, config, num_classes …). Loading
-verifies all of it and refuses anything that does not match with :class:`CheckpointError`.
+verifies all of it and refuses anything that does not match with :class:`CheckpointError`:
+the manifest is validated field by field (:class:`Manifest`, :class:`MethodManifest`), the
+weights file must be a plain name inside the checkpoint folder and every floating tensor
+must be finite. Errors are one line naming the checkpoint and the field.
+
+Method checkpoints (``kind="method"``) carry a ``model_version`` that identifies what is
+served: :func:`model_version` hashes the weights' SHA-256 with the method name, its config
+and ``num_classes``. :func:`save_checkpoint` computes it (a caller's value is overwritten)
+and :func:`read_method_manifest` recomputes it, so two checkpoints share a version only if
+they serve the same function.
 
 Writes are atomic: the new checkpoint is written and fsynced in a temporary directory
 beside the target, then renamed into place; an existing checkpoint is replaced only
@@ -18,16 +27,20 @@ import hashlib
 import importlib.metadata
 import json
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 import torch
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr, ValidationError, field_validator
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
+
+from stablesynth.files import sha256_file
 
 FORMAT_VERSION = 1
 SUPPORTED_VERSIONS = frozenset({1})
@@ -35,10 +48,74 @@ WEIGHTS_FILE = "model.safetensors"
 MANIFEST_FILE = "manifest.json"
 #: Fields the writer computes; a caller's values for them are overwritten.
 RESERVED_FIELDS = ("format_version", "kind", "created", "packages", "weights_file", "sha256", "tensors")
+METHOD_KIND = "method"
+#: Model ids and versions travel in URLs, HTTP headers and file names: ASCII letters, digits, ``._-``.
+SAFE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 
 
 class CheckpointError(ValueError):
     """A checkpoint is missing, corrupt, of an unknown version or of the wrong kind."""
+
+
+def check_safe_name(value: str, what: str = "name") -> str:
+    """``value`` if it is a safe model id or version (see :data:`SAFE_NAME`), else ValueError."""
+    if not isinstance(value, str) or not SAFE_NAME.fullmatch(value):
+        raise ValueError(f"{what} {value!r} must be 1-128 ASCII letters, digits, '.', '_' or '-' "
+                         "(starting with a letter or digit)")
+    return value
+
+
+SafeName = Annotated[StrictStr, Field(pattern="^" + SAFE_NAME.pattern + "$")]
+
+
+class TensorSpec(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    shape: list[Annotated[StrictInt, Field(ge=0)]]
+    dtype: StrictStr
+
+
+class Manifest(BaseModel):
+    """The fields every checkpoint manifest must have, with their types (others are kept)."""
+
+    model_config = ConfigDict(extra="allow")
+    format_version: StrictInt
+    kind: StrictStr
+    sha256: Annotated[StrictStr, Field(pattern=r"^[0-9a-f]{64}$")]
+    tensors: dict[str, TensorSpec]
+    weights_file: StrictStr = WEIGHTS_FILE
+
+    @field_validator("weights_file")
+    @classmethod
+    def _plain_name(cls, v: str) -> str:
+        # Confined to the checkpoint folder: a plain file name, no separators, no '..'.
+        if not v or v in (".", "..") or "/" in v or "\\" in v or "\0" in v or Path(v).is_absolute():
+            raise ValueError(f"must be a file name inside the checkpoint folder, got {v!r}")
+        return v
+
+
+class MethodManifest(Manifest):
+    """A servable method checkpoint: how to rebuild the method, and what to call it."""
+
+    method: SafeName
+    num_classes: Annotated[StrictInt, Field(ge=1, le=1_000_000)]
+    config: dict[str, Any] = Field(default_factory=dict)
+    model_id: SafeName | None = None
+    model_version: SafeName | None = None
+
+
+def _validation_message(exc: ValidationError) -> str:
+    errors = exc.errors()
+    first = errors[0]
+    field = ".".join(str(p) for p in first["loc"]) or "manifest"
+    more = f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""
+    return f"field {field!r}: {first['msg']}{more}"
+
+
+def model_version(weights_sha256: str, method: str, config: Mapping[str, Any], num_classes: int) -> str:
+    """The version of a served method: 12 hex digits of a hash of its weights and config."""
+    key = json.dumps({"weights": weights_sha256, "method": method, "config": dict(config),
+                      "num_classes": int(num_classes)}, sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(key.encode("utf-8")).hexdigest()[:12]
 
 
 def _dtype_name(dtype: torch.dtype) -> str:
@@ -52,14 +129,6 @@ def _package_versions() -> dict[str, str]:
     with contextlib.suppress(importlib.metadata.PackageNotFoundError):
         versions["safetensors"] = importlib.metadata.version("safetensors")
     return versions
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _fsync_path(path: Path) -> None:
@@ -91,6 +160,8 @@ def save_checkpoint(directory: str | Path, tensors: Mapping[str, torch.Tensor],
 
     ``kind`` (or ``manifest["kind"]``, default ``"tensors"``) is checked by
     :func:`load_checkpoint`'s ``expect_kind``. Caller fields must be JSON-serialisable.
+    For ``kind="method"`` the manifest must hold ``method``, ``num_classes`` and ``config``
+    (and may hold a safe ``model_id``); ``model_version`` is computed (:func:`model_version`).
     """
     target = Path(directory)
     fields = dict(manifest or {})
@@ -110,13 +181,17 @@ def save_checkpoint(directory: str | Path, tensors: Mapping[str, torch.Tensor],
         _fsync_path(weights)
         for key in RESERVED_FIELDS:
             fields.pop(key, None)
+        digest = sha256_file(weights)
+        if kind == METHOD_KIND:
+            fields["model_version"] = model_version(digest, str(fields.get("method")),
+                                                    fields.get("config") or {}, int(fields["num_classes"]))
         full = {
             "format_version": FORMAT_VERSION,
             "kind": kind,
             "created": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
             "packages": _package_versions(),
             "weights_file": WEIGHTS_FILE,
-            "sha256": _sha256(weights),
+            "sha256": digest,
             "tensors": {name: {"shape": list(t.shape), "dtype": _dtype_name(t.dtype)}
                         for name, t in data.items()},
             **fields,
@@ -166,17 +241,39 @@ def read_manifest(directory: str | Path) -> dict[str, Any]:
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise CheckpointError(f"checkpoint {directory} is corrupt: {MANIFEST_FILE} does not parse "
                               f"({exc})") from None
+    except RecursionError:
+        raise CheckpointError(f"checkpoint {directory} is corrupt: {MANIFEST_FILE} is nested too "
+                              "deeply") from None
     if not isinstance(manifest, dict):
         raise CheckpointError(f"checkpoint {directory} is corrupt: {MANIFEST_FILE} is not a JSON object")
     version = manifest.get("format_version")
-    if version not in SUPPORTED_VERSIONS:
+    if isinstance(version, bool) or version not in SUPPORTED_VERSIONS:
         raise CheckpointError(f"checkpoint {directory} has format_version {version!r}; this stablesynth "
                               f"reads {sorted(SUPPORTED_VERSIONS)}")
     for key in ("kind", "sha256", "tensors"):
         if key not in manifest:
             raise CheckpointError(f"checkpoint {directory} is corrupt: manifest lacks {key!r}")
-    if not isinstance(manifest["tensors"], dict):
-        raise CheckpointError(f"checkpoint {directory} is corrupt: manifest 'tensors' is not a mapping")
+    try:
+        Manifest.model_validate(manifest)
+    except ValidationError as exc:
+        raise CheckpointError(f"checkpoint {directory} is corrupt: manifest "
+                              f"{_validation_message(exc)}") from None
+    return manifest
+
+
+def read_method_manifest(directory: str | Path) -> MethodManifest:
+    """The validated manifest of a method checkpoint, ``model_version`` recomputed from its content."""
+    directory = Path(directory)
+    raw = read_manifest(directory)
+    for key in ("method", "num_classes"):
+        if key not in raw:
+            raise CheckpointError(f"checkpoint {directory} is not a method checkpoint: no {key!r}")
+    try:
+        manifest = MethodManifest.model_validate(raw)
+    except ValidationError as exc:
+        raise CheckpointError(f"checkpoint {directory}: manifest {_validation_message(exc)}") from None
+    manifest.model_version = model_version(manifest.sha256, manifest.method, manifest.config,
+                                           manifest.num_classes)
     return manifest
 
 
@@ -191,7 +288,9 @@ def load_checkpoint(directory: str | Path,
     weights = directory / manifest.get("weights_file", WEIGHTS_FILE)
     if not weights.is_file():
         raise CheckpointError(f"checkpoint {directory} is incomplete: {weights.name} is missing")
-    if _sha256(weights) != manifest["sha256"]:
+    if weights.is_symlink() or weights.resolve().parent != directory.resolve():
+        raise CheckpointError(f"checkpoint {directory}: {weights.name} lies outside the checkpoint folder")
+    if sha256_file(weights) != manifest["sha256"]:
         raise CheckpointError(f"checkpoint {directory} is corrupt: sha256 mismatch of {weights.name}")
     try:
         tensors = load_file(str(weights))
@@ -210,6 +309,8 @@ def load_checkpoint(directory: str | Path,
                 or _dtype_name(t.dtype) != spec.get("dtype"):
             raise CheckpointError(f"checkpoint {directory} is corrupt: tensor {name!r} is "
                                   f"{list(t.shape)} {_dtype_name(t.dtype)}, the manifest says {spec}")
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            raise CheckpointError(f"checkpoint {directory}: tensor {name!r} holds NaN or Inf")
     return tensors, manifest
 
 

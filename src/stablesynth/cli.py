@@ -17,9 +17,7 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 COMMAND_MODULES = (
     "stablesynth.data.commands",
-    "stablesynth.training.commands",
-    "stablesynth.training.dataset_commands",
-    "stablesynth.evaluation.commands",
+    "stablesynth.experiment.commands",
     "stablesynth.serving.commands",
     "stablesynth.bench.commands",
 )
@@ -38,13 +36,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"stablesynth {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name in COMMAND_MODULES:
-        try:
-            module = importlib.import_module(name)
-        except ModuleNotFoundError as exc:
-            if exc.name != name:
-                raise
-            continue
-        module.register(sub)
+        importlib.import_module(name).register(sub)
     return parser
 
 

@@ -158,9 +158,14 @@ def _methods(values: tuple[float, ...]) -> dict[str, float]:
     return dict(zip(PAPER_METHODS, values))
 
 
+#: The paper's cloud-step FLOPs at K = 1501 (§4.4): DUET's full generator and StableSynthNet's step.
+PAPER_CLOUD_MFLOPS: dict[str, float] = {"duet": 28.2, "stablesynth": 0.62}
+
+
 def _duet(duet_acc: float, duet_s: float, ours_acc: float, ours_s: float) -> dict[str, dict[str, float]]:
-    return {"duet": {"accuracy": duet_acc, "latency_s": duet_s},
-            "stablesynth": {"accuracy": ours_acc, "latency_s": ours_s}}
+    return {"duet": {"accuracy": duet_acc, "latency_s": duet_s, "cloud_mflops": PAPER_CLOUD_MFLOPS["duet"]},
+            "stablesynth": {"accuracy": ours_acc, "latency_s": ours_s,
+                            "cloud_mflops": PAPER_CLOUD_MFLOPS["stablesynth"]}}
 
 
 _SLOW = 60000.0  # the paper's "≥ 60000 ms" for anything that fine-tunes

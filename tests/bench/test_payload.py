@@ -2,8 +2,8 @@ import json
 
 import pytest
 
-from stablesynth.bench.payload import format_payload_table, payload_main, payload_table
 from stablesynth.evaluation.cost import transfer_ms
+from stablesynth.evaluation.payload import format_payload_table, payload_main, payload_table
 from stablesynth.presets import get_preset
 from stablesynth.registry import UnknownNameError
 

@@ -18,12 +18,12 @@ def test_serve_benchmark_smoke(tmp_path: Path) -> None:
     by = {(r["name"], r["concurrency"]): r for r in res["rows"]}
     # The primary row carries the generator's factors; the fp32 rows carry Θ_d (97·K floats + header).
     assert by[("adapt", 1)]["reply_bytes"] < 20_000
-    for name in ("adapt-fp32", "duet-full"):
+    for name in ("adapt-fp32", "duet-full", "noop-fp32"):
         assert 97 * 1501 * 4 < by[(name, 4)]["reply_bytes"] < 97 * 1501 * 4 + 512
     assert all(r["server_cpu"] is not None and r["server_us_per_req"] >= 0 for r in res["rows"]
                if r["name"] != "in-process")
     assert (tmp_path / "serve.json").is_file() and "1" in res["ratios"]
     goals = {(v["goal"], v["row"]) for v in res["verdicts"]}
-    assert len(goals) == 7 and ("zero errors", "all") in goals
+    assert len(goals) == 9 and ("zero errors", "all") in goals
     table = format_table(res)
-    assert table.count("MET") >= 7 and "[adapt]" in table and "[adapt-fp32]" in table
+    assert table.count("MET") >= 9 and "[adapt]" in table and "[adapt-int8]" in table

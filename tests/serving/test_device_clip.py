@@ -3,9 +3,6 @@
 from __future__ import annotations
 
 import json
-import socket
-import threading
-import time
 from pathlib import Path
 from typing import Any
 
@@ -16,33 +13,6 @@ import torch
 from stablesynth.cli import main
 
 
-class Server:
-    """A real uvicorn server on 127.0.0.1 in a background thread."""
-
-    def __init__(self, app: Any) -> None:
-        import uvicorn
-
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = int(s.getsockname()[1])
-        self.url = f"http://127.0.0.1:{port}"
-        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="error"))
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
-
-    def __enter__(self) -> Server:
-        self.thread.start()
-        deadline = time.monotonic() + 10
-        while not self.server.started:
-            if time.monotonic() > deadline or not self.thread.is_alive():
-                raise RuntimeError("server did not start")
-            time.sleep(0.01)
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.server.should_exit = True
-        self.thread.join(10)
-
-
 def test_missing_run_dir_says_run_the_demo(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     rc = main(["device", "predict", "--server", "http://127.0.0.1:9", "--bundle", str(tmp_path / "b"),
                "--run-dir", str(tmp_path / "nope"), "--clip", "0"])
@@ -51,7 +21,8 @@ def test_missing_run_dir_says_run_the_demo(tmp_path: Path, capsys: pytest.Captur
 
 
 @pytest.mark.slow
-def test_predict_a_benchmark_clip_through_the_server(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_predict_a_benchmark_clip_through_the_server(live_server: Any, tmp_path: Path,
+                                                     capsys: pytest.CaptureFixture[str]) -> None:
     from stablesynth.data.benchmark import make_loader
     from stablesynth.serving.clip import clip_features, load_benchmark, load_encoder
     from stablesynth.serving.server import create_app, load_cloud_model
@@ -73,7 +44,7 @@ def test_predict_a_benchmark_clip_through_the_server(tmp_path: Path, capsys: pyt
     assert clip.upload_index == int(cached["upload_index"][row]) and clip.label == int(cached["label"][row])
 
     cloud = load_cloud_model(ckpt)
-    with Server(create_app({cloud.model_id: cloud})) as srv:
+    with live_server(create_app({cloud.model_id: cloud})) as srv:
         capsys.readouterr()
         assert main(["device", "predict", "--server", srv.url, "--bundle", str(bundle), "--run-dir", str(run),
                      "--device", "1", "--clip", "2", "--encoding", "factors"]) == 0

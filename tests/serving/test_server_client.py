@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import socket
-import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -15,72 +13,19 @@ import httpx
 import numpy as np
 import pytest
 import torch
-import uvicorn
 from prometheus_client.parser import text_string_to_metric_families
 
-from stablesynth.methods.base import METHODS
-from stablesynth.methods.config import MethodConfig
 from stablesynth.serving import protocol
 from stablesynth.serving.client import DeviceClient, export_device_bundle
 from stablesynth.serving.server import CloudModel, create_app, load_cloud_model, save_cloud_model
 
-K = 13
+K = 13  # the conftest's methods
 TOKEN = "s3cret"
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-class Server:
-    """A real uvicorn server on 127.0.0.1 in a background thread."""
-
-    def __init__(self, app: Any) -> None:
-        self.port = _free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="error",
-                                                    lifespan="auto"))
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
-
-    def __enter__(self) -> Server:
-        self.thread.start()
-        deadline = time.monotonic() + 10
-        while not self.server.started:
-            if time.monotonic() > deadline or not self.thread.is_alive():
-                raise RuntimeError("server did not start")
-            time.sleep(0.01)
-        return self
-
-    def stop(self) -> None:
-        self.server.should_exit = True
-        self.thread.join(10)
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
-
-
-def make_method(generator: str = "film", seed: int = 0) -> Any:
-    torch.manual_seed(seed)
-    cfg = MethodConfig(generator=generator)
-    method = METHODS.get("stablesynth")(cfg, K).eval()
-    with torch.no_grad():
-        # An untrained film generator ignores the driver; random modulation makes Θ_d depend on the upload.
-        for p in method.generator.parameters():
-            p.add_(torch.randn_like(p) * 0.1)
-    return method
-
-
 @pytest.fixture(scope="module")
-def cloud() -> CloudModel:
-    cfg = MethodConfig(generator="film").to_dict()
-    return CloudModel(make_method(), "easyvqa", "7", K, "stablesynth", cfg)
-
-
-@pytest.fixture(scope="module")
-def server(cloud: CloudModel) -> Iterator[Server]:
-    with Server(create_app({"easyvqa": cloud}, token=TOKEN, max_wait_ms=5.0)) as s:
+def server(cloud: CloudModel, live_server: Any) -> Iterator[Any]:
+    with live_server(create_app({"easyvqa": cloud}, token=TOKEN, max_wait_ms=5.0)) as s:
         yield s
 
 
@@ -101,7 +46,7 @@ def _in_process(cloud: CloudModel, feature: torch.Tensor, f_g: torch.Tensor) -> 
 
 
 @pytest.mark.parametrize("encoding", protocol.ENCODINGS)
-def test_round_trip_equals_in_process(server: Server, cloud: CloudModel, bundle: Path, tmp_path: Path,
+def test_round_trip_equals_in_process(server: Any, cloud: CloudModel, bundle: Path, tmp_path: Path,
                                       encoding: str) -> None:
     feature, f_g = _feature(1), _feature(2)
     ref_params, ref_logits = _in_process(cloud, feature, f_g)
@@ -124,7 +69,7 @@ def test_round_trip_equals_in_process(server: Server, cloud: CloudModel, bundle:
         assert res.bytes_down < 97 * K * 4  # below the fp32 payload alone, header included
 
 
-def test_json_upload_and_accept_negotiation(server: Server, cloud: CloudModel) -> None:
+def test_json_upload_and_accept_negotiation(server: Any, cloud: CloudModel) -> None:
     feature = _feature(3)
     headers = {"Authorization": f"Bearer {TOKEN}", "Accept": f"{protocol.MEDIA_TYPE}; encoding=fp16"}
     r = httpx.post(f"{server.url}/v1/models/easyvqa/adapt", json={"feature": feature.tolist()},
@@ -137,7 +82,7 @@ def test_json_upload_and_accept_negotiation(server: Server, cloud: CloudModel) -
     assert bool((err <= protocol.max_error("fp16", ref["weight"])).all())
 
 
-def test_concurrent_requests_are_batched_and_correct(server: Server, cloud: CloudModel) -> None:
+def test_concurrent_requests_are_batched_and_correct(server: Any, cloud: CloudModel) -> None:
     feats = [_feature(100 + i) for i in range(24)]
 
     async def run() -> list[httpx.Response]:
@@ -161,7 +106,7 @@ def test_concurrent_requests_are_batched_and_correct(server: Server, cloud: Clou
     assert "stablesynth_request_latency_seconds" in fams and "stablesynth_requests" in fams
 
 
-def _post(server: Server, body: bytes | None = None, *, ctype: str = "application/octet-stream",
+def _post(server: Any, body: bytes | None = None, *, ctype: str = "application/octet-stream",
           token: str | None = TOKEN, path: str = "/v1/models/easyvqa/adapt",
           **headers: str) -> httpx.Response:
     h = {"Content-Type": ctype, **headers}
@@ -184,13 +129,13 @@ def _post(server: Server, body: bytes | None = None, *, ctype: str = "applicatio
     ({"X-Model-Version": "6"}, 409, "version_mismatch"),
     ({"path": "/v1/noop", "body": b"\0" * 10}, 422, "bad_size"),
 ])
-def test_bad_requests_get_documented_errors(server: Server, kwargs: dict, status: int, code: str) -> None:
+def test_bad_requests_get_documented_errors(server: Any, kwargs: dict, status: int, code: str) -> None:
     r = _post(server, **kwargs)
     assert r.status_code == status, r.text
     assert r.json()["error"] == code and r.json()["detail"]
 
 
-def test_noop_models_health_openapi(server: Server) -> None:
+def test_noop_models_health_openapi(server: Any) -> None:
     x = _feature(5)
     r = _post(server, protocol.encode_upload(x), path="/v1/noop")
     assert r.status_code == 200 and np.array_equal(np.frombuffer(r.content, "<f4"), x.numpy())
@@ -260,26 +205,27 @@ def _other_version(cloud: CloudModel) -> Callable[[bytes], bytes]:
     ("slow", lambda d: d, 1.0, "timeout"),
     ("wrong_version", None, 0.0, "ModelMismatch"),
 ])
-def test_faulty_server_falls_back(cloud: CloudModel, bundle: Path, tmp_path: Path, name: str,
+def test_faulty_server_falls_back(live_server: Any, cloud: CloudModel, bundle: Path, tmp_path: Path, name: str,
                                   mutate: Callable | None, delay: float, expect: str) -> None:
     app = Misbehaving(cloud, mutate or _other_version(cloud), delay)
     feature, f_g = _feature(11), _feature(12)
-    with Server(app) as srv, DeviceClient(srv.url, bundle, timeout=0.3, retries=1, backoff_s=0.01,
-                                          cache_dir=tmp_path) as client:
+    with live_server(app) as srv, DeviceClient(srv.url, bundle, timeout=0.4 if name == "slow" else 3.0, retries=1,
+                                          backoff_s=0.01, cache_dir=tmp_path) as client:
         t0 = time.perf_counter()
         logits, res = client.predict(f_g, feature)
         elapsed = time.perf_counter() - t0
     assert res.source == "global" and expect in (res.error or ""), res.error
     assert torch.equal(res.params["weight"], client.bundle.global_params["weight"])
     assert np.isfinite(logits).all() and logits.shape == (1, K)
-    # Retries are bounded: a version mismatch is final, the others get exactly 1 + retries attempts.
-    assert app.calls == (1 if name == "wrong_version" else 2)
-    assert elapsed < 3.0
+    # Retries are bounded: a version mismatch is final, the others get exactly 1 + retries attempts
+    # (the slow server's one attempt used up the whole deadline).
+    assert app.calls == (1 if name in ("wrong_version", "slow") else 2)
+    assert elapsed < (0.6 if name == "slow" else 3.0)
 
 
-def test_server_stopped_mid_run_uses_cache(cloud: CloudModel, bundle: Path, tmp_path: Path) -> None:
+def test_server_stopped_mid_run_uses_cache(live_server: Any, cloud: CloudModel, bundle: Path, tmp_path: Path) -> None:
     app = create_app({"easyvqa": cloud})
-    srv = Server(app).__enter__()
+    srv = live_server(app).__enter__()
     feature, f_g = _feature(21), _feature(22)
     client = DeviceClient(srv.url, bundle, timeout=1.0, retries=1, backoff_s=0.01, cache_dir=tmp_path)
     first = client.adapt(feature)
@@ -297,33 +243,35 @@ def test_server_stopped_mid_run_uses_cache(cloud: CloudModel, bundle: Path, tmp_
     client.close()
 
 
-def test_checkpoint_round_trip_serves_same_parameters(tmp_path: Path) -> None:
-    method = make_method(seed=3)
-    ckpt = save_cloud_model(tmp_path / "ckpt", method, "easyvqa", "v9")
+def test_checkpoint_round_trip_serves_same_parameters(method_factory: Any, tmp_path: Path) -> None:
+    method = method_factory(seed=3)
+    ckpt = save_cloud_model(tmp_path / "ckpt", method, "easyvqa")
     loaded = load_cloud_model(ckpt)
-    assert (loaded.model_id, loaded.version, loaded.num_classes) == ("easyvqa", "v9", K)
+    assert (loaded.model_id, loaded.num_classes) == ("easyvqa", K) and len(loaded.version) == 12
     x = torch.randn(4, 192)
     with torch.inference_mode():
         a, b = method.adapt(x), loaded.method.adapt(x)
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
-def test_cli_export_and_predict(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_cli_export_and_predict(live_server: Any, method_factory: Any, tmp_path: Path,
+                                capsys: pytest.CaptureFixture[str]) -> None:
     from stablesynth.cli import main
 
-    ckpt = save_cloud_model(tmp_path / "ckpt", make_method(seed=4), "easyvqa", "v2")
+    ckpt = save_cloud_model(tmp_path / "ckpt", method_factory(seed=4), "easyvqa")
     assert main(["device", "export", "--checkpoint", str(ckpt), "--out", str(tmp_path / "bundle")]) == 0
     frames = np.random.default_rng(0).standard_normal((3, 192)).astype(np.float32)
     np.save(tmp_path / "clip.npy", frames)
-    with Server(create_app({"easyvqa": load_cloud_model(ckpt)})) as srv:
+    with live_server(create_app({"easyvqa": load_cloud_model(ckpt)})) as srv:
         capsys.readouterr()
         assert main(["device", "predict", "--server", srv.url, "--bundle", str(tmp_path / "bundle"),
                      "--feature-file", str(tmp_path / "clip.npy"), "--encoding", "factors"]) == 0
     out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    assert out["source"] == "server" and out["model"] == "easyvqa@v2" and 0 <= out["prediction"] < K
+    version = load_cloud_model(ckpt).version
+    assert out["source"] == "server" and out["model"] == f"easyvqa@{version}" and 0 <= out["prediction"] < K
 
 
-def test_worker_thread_path_and_gathering_window(cloud: CloudModel) -> None:
+def test_worker_thread_path_and_gathering_window(live_server: Any, cloud: CloudModel) -> None:
     """inline_ms=0 sends every batch to the worker thread; max_wait_ms>0 restores the gathering window."""
     feats = [_feature(200 + i) for i in range(16)]
     app = create_app({"easyvqa": cloud}, inline_ms=0.0, max_wait_ms=3.0)
@@ -334,7 +282,7 @@ def test_worker_thread_path_and_gathering_window(cloud: CloudModel) -> None:
                 c.post("/v1/models/easyvqa/adapt?encoding=factors", content=protocol.encode_upload(f),
                        headers={"Content-Type": "application/octet-stream"}) for f in feats])
 
-    with Server(app) as srv:
+    with live_server(app) as srv:
         replies = asyncio.run(run(srv.url))
         metrics = httpx.get(f"{srv.url}/metrics", timeout=5).text
     for f, r in zip(feats, replies):
@@ -350,7 +298,7 @@ def test_worker_thread_path_and_gathering_window(cloud: CloudModel) -> None:
     assert batch["stablesynth_batch_size_count"] < len(feats)
 
 
-def test_load_generator_counts_replies_and_errors(server: Server) -> None:
+def test_load_generator_counts_replies_and_errors(server: Any) -> None:
     from stablesynth.serving.loadgen import LoadGenerator
 
     port = int(server.url.rsplit(":", 1)[1])

@@ -19,7 +19,9 @@ from tqdm.auto import tqdm
 from stablesynth.data.batch import FeatureBatch
 from stablesynth.evaluation import plots
 from stablesynth.evaluation.metrics import accuracy_by_device, per_device_summary
-from stablesynth.pipeline import Run, RunConfig, write_outputs
+from stablesynth.experiment.demo import DemoRun, RunConfig
+from stablesynth.experiment.results import write_outputs
+from stablesynth.files import atomic_write_json
 from stablesynth.training.stage2 import predict_per_sample, train_method
 
 
@@ -63,17 +65,18 @@ def with_frames(data: FeatureBatch, d: int, seed: int) -> FeatureBatch:
 def run_ablation(cfg: RunConfig, out: Path, seeds: int = 3, only: list[str] | None = None,
                  log: Any = print) -> dict[str, Any]:
     t0 = time.perf_counter()
-    run = Run(cfg, out, reuse=True, log=log)
+    run = DemoRun(cfg, out, reuse=True, log=log)
     run.stage1()
     run.cache_features()
+    ws = run.ws
     todo = [v for v in variants(cfg.benchmark.frames_per_clip) if not only or v.group in only]
     rows = []
     for v in tqdm(todo, desc="ablations", dynamic_ncols=True):
         scores, worsts, spreads = [], [], []
         for s in range(seeds):
-            method = run.build_method(v.method, overrides=v.overrides)
-            train = run.data("history", method.cfg.category, devices="seen")
-            test = run.data("realtime", method.cfg.category)
+            method = ws.build_method(v.method, overrides=v.overrides)
+            train = ws.data("history", method.cfg.category, devices="seen")
+            test = ws.data("realtime", method.cfg.category)
             if v.frames is not None:
                 train = with_frames(train, v.frames, seed=1 + s)
                 test = with_frames(test, v.frames, seed=10_000 + s)
@@ -81,7 +84,7 @@ def run_ablation(cfg: RunConfig, out: Path, seeds: int = 3, only: list[str] | No
             train_method(method, train, c.epochs, c.batch_size, c.lr, c.weight_decay, seed=cfg.seed + 101 * s,
                          desc=f"{v.name} seed {s}")
             preds = predict_per_sample(method, test)
-            summary = per_device_summary(accuracy_by_device(preds, test.label, test.device), run.seen)["all"]
+            summary = per_device_summary(accuracy_by_device(preds, test.label, test.device), ws.seen)["all"]
             scores.append(summary["mean"])
             worsts.append(summary["worst"])
             spreads.append(summary["std"])
@@ -105,7 +108,7 @@ def run_ablation(cfg: RunConfig, out: Path, seeds: int = 3, only: list[str] | No
                 notes.append(f"Removing {r['name'][2:]} changes accuracy by {delta:+.1f} points "
                              f"(± {100 * r['std']:.1f} across seeds): the module's absence {verdict}.")
     ablation = {"n_seeds": seeds, "rows": rows, "notes": notes, "seconds": time.perf_counter() - t0}
-    (out / "ablation.json").write_text(json.dumps(ablation, indent=2))
+    atomic_write_json(out / "ablation.json", ablation)
     plots.ablation_plot(ablation, out / "ablation.png")
     results_path = out / "results.json"
     if results_path.exists():

@@ -38,7 +38,7 @@ class FeatureBatch:
     @property
     def uploaded(self) -> torch.Tensor:
         """F_m^i: the one frame feature the device uploads, [B, 192]."""
-        return self.frames[torch.arange(len(self)), self.upload_index]
+        return self.frames[torch.arange(len(self), device=self.frames.device), self.upload_index]
 
     def index(self, idx: torch.Tensor | slice) -> FeatureBatch:
         return FeatureBatch(**{f.name: getattr(self, f.name)[idx] for f in fields(self)})

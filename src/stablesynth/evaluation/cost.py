@@ -66,7 +66,8 @@ def transfer_ms(nbytes: float, mb_per_s: float) -> float:
     return nbytes / (mb_per_s * 1024.0 * 1024.0) * 1000.0
 
 
-def _percentile(sorted_values: list[float], q: float) -> float:
+def percentile(sorted_values: list[float], q: float) -> float:
+    """The ``q``-quantile (0 ≤ q ≤ 1) of already sorted values."""
     # Linear interpolation between order statistics (numpy's default), without numpy.
     pos = (len(sorted_values) - 1) * q
     lo = int(pos)
@@ -93,7 +94,7 @@ def time_call(fn: Callable[[], Any], repeats: int = 50, warmup: int = 5) -> dict
     times.sort()
     return {
         "median_ms": statistics.median(times),
-        "p90_ms": _percentile(times, 0.9),
+        "p90_ms": percentile(times, 0.9),
         "mean_ms": statistics.fmean(times),
         "min_ms": times[0],
         "max_ms": times[-1],

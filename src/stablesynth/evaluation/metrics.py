@@ -92,6 +92,13 @@ def per_device_summary(acc_by_device: Mapping[int, float], seen: set[int] | froz
     return out
 
 
+def accuracy_block(acc_by_device: Mapping[int, float], seen: set[int] | frozenset[int]) -> dict[str, Any]:
+    """The results.json form of per-device accuracy: every device, then mean/worst/std/n per group."""
+    summary = per_device_summary(acc_by_device, seen)
+    return {"per_device": {str(k): v for k, v in sorted(acc_by_device.items())},
+            **{g: {k: summary[g][k] for k in ("mean", "worst", "std", "n")} for g in ("seen", "unseen", "all")}}
+
+
 def accuracy_by_device(logits_or_pred: ArrayLike, labels: ArrayLike, device: ArrayLike,
                        ignore_index: int = -100, count_ignored_as_wrong: bool = False) -> dict[int, float]:
     """Per-device accuracy (same convention as :func:`accuracy`), keyed by device id."""

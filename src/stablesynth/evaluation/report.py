@@ -27,8 +27,10 @@ import math
 from pathlib import Path
 from typing import Any
 
+from stablesynth.evaluation.cost import transfer_ms
+from stablesynth.presets import PAPER_BANDWIDTHS_MBPS
+
 SCHEMA_VERSION = 1
-BANDWIDTHS = (5.0, 15.0, 50.0, 100.0)
 
 
 class ResultsSchemaError(ValueError):
@@ -125,25 +127,27 @@ def _ms(v: float) -> str:
     return f"{v:.3f} ms" if v < 1 else f"{v:.2f} ms"
 
 
-def transfer_ms(nbytes: float, mb_per_s: float) -> float:
-    """The paper's Table 5 convention: KB = 1024 B and MB/s = 1024 KB/s."""
-    return nbytes / (mb_per_s * 1024 * 1024) * 1000
-
-
 def oracle_summary(results: dict[str, Any]) -> dict[str, Any] | None:
     oracle = results.get("oracle")
     return oracle["accuracy"] if oracle else None
+
+
+def proposed_method(results: dict[str, Any]) -> str | None:
+    """The name of the method the report is about (the entry marked ``proposed``), if it ran."""
+    return next((n for n, m in results["methods"].items() if m.get("proposed")), None)
 
 
 def _verdicts(results: dict[str, Any]) -> list[str]:
     """Plain sentences comparing StableSynthNet with each baseline, from the numbers alone."""
     methods = results["methods"]
     out: list[str] = []
-    if "stablesynth" not in methods:
+    name_ours = proposed_method(results)
+    if name_ours is None:
         return out
-    ours = methods["stablesynth"]["accuracy"]["per_sample"]
+    label_ours = methods[name_ours]["label"]
+    ours = methods[name_ours]["accuracy"]["per_sample"]
     for name, m in methods.items():
-        if name == "stablesynth":
+        if name == name_ours:
             continue
         other = m["accuracy"]["per_sample"]
         for group in ("seen", "unseen"):
@@ -154,16 +158,16 @@ def _verdicts(results: dict[str, Any]) -> list[str]:
             d_std = 100 * (ours[group]["std"] - other[group]["std"])
             verb = "beats" if d_mean > 0.05 else ("loses to" if d_mean < -0.05 else "ties with")
             out.append(
-                f"On {group} devices StableSynthNet {verb} {m['label']} by {d_mean:+.1f} points of mean "
+                f"On {group} devices {label_ours} {verb} {m['label']} by {d_mean:+.1f} points of mean "
                 f"accuracy ({d_worst:+.1f} on the worst device; spread across devices {d_std:+.1f} points)."
             )
     oracle = results.get("oracle")
     if oracle:
         d = 100 * (ours["all"]["mean"] - oracle["accuracy"]["all"]["mean"])
         ft = oracle["finetune_seconds"]["median"]
-        ad = methods["stablesynth"]["adapt_ms"]["median"]
+        ad = methods[name_ours]["adapt_ms"]["median"]
         out.append(
-            f"Against per-device fine-tuning (the oracle, {ft:.2f} s per device) StableSynthNet is "
+            f"Against per-device fine-tuning (the oracle, {ft:.2f} s per device) {label_ours} is "
             f"{d:+.1f} points over all devices while adapting in {_ms(ad)} ({ft * 1000 / max(ad, 1e-9):,.0f}× faster)."
         )
     return out
@@ -267,13 +271,15 @@ def render_report(results: dict[str, Any], ablation: dict[str, Any] | None = Non
     if verdicts:
         lines += ["", "### What the numbers say", ""] + [f"- {v}" for v in verdicts]
 
-    if "duet" in methods and "stablesynth" in methods:
-        pduet = paper.get("duet", {})
+    pduet = paper.get("duet") or {}
+    table2 = [n for n in pduet if n in methods]
+    if len(table2) == len(pduet) >= 2:
+        first = methods[table2[0]]
         lines += ["", "## DUET vs StableSynthNet (the paper's Table 2, plus cost)", "",
                   f"| method | accuracy (all devices) | time to adapt | cloud FLOPs (K={K}) | cloud FLOPs "
-                  f"(K={methods['duet']['flops']['paper_K']}) | upload | paper acc | paper latency |",
+                  f"(K={first['flops']['paper_K']}) | upload | paper acc | paper latency |",
                   "|---|---|---|---|---|---|---|---|"]
-        for name in ("duet", "stablesynth"):
+        for name in table2:
             m = methods[name]
             p = pduet.get(name, {})
             lines.append(
@@ -281,26 +287,29 @@ def render_report(results: dict[str, Any], ablation: dict[str, Any] | None = Non
                 f"| {m['flops']['benchmark'] / 1e6:.3f} M | {m['flops']['paper'] / 1e6:.2f} M | {m['bytes']['up']} B "
                 f"| {p.get('accuracy', '—')} | {p.get('latency_s', '—')} s |"
             )
-        lines += ["", "The paper counts 28.2 M FLOPs for DUET and 0.62 M for its own cloud step at K = 1501."]
+        lines += ["", "The paper counts " + " and ".join(
+            f"{pduet[n]['cloud_mflops']} M FLOPs for {methods[n]['label']}" for n in table2
+            if "cloud_mflops" in pduet[n]) + f" per cloud step at K = {first['flops']['paper_K']}."]
 
     lines += ["", "## Bytes and transfer time (the paper's Table 5 layout)", "",
               f"Per adaptation at K = {K}; KB = 1024 B, MB/s = 1024 KB/s as in the paper. `factors` is what the "
               "cloud sends when the device caches the generator's shared W0; `driver` when the device holds the "
               "generator.", "",
-              "| method | encoding | size | " + " | ".join(f"{bw:g} MB/s" for bw in BANDWIDTHS) + " |",
-              "|---|---|---|" + "---|" * len(BANDWIDTHS)]
+              "| method | encoding | size | " + " | ".join(f"{bw:g} MB/s" for bw in PAPER_BANDWIDTHS_MBPS) + " |",
+              "|---|---|---|" + "---|" * len(PAPER_BANDWIDTHS_MBPS)]
     for m in methods.values():
         if not m["adaptive"]:
             continue
         lines.append(f"| {m['label']} | ↑ upload | {_kb(m['bytes']['up'])} | "
-                     + " | ".join(_ms(transfer_ms(m["bytes"]["up"], bw)) for bw in BANDWIDTHS) + " |")
+                     + " | ".join(_ms(transfer_ms(m["bytes"]["up"], bw)) for bw in PAPER_BANDWIDTHS_MBPS) + " |")
         for enc, nbytes in m["bytes"]["down"].items():
             if nbytes:
                 lines.append(f"| {m['label']} | ↓ {enc} | {_kb(nbytes)} | "
-                             + " | ".join(_ms(transfer_ms(nbytes, bw)) for bw in BANDWIDTHS) + " |")
-    enc = methods.get("stablesynth", {}).get("encodings")
+                             + " | ".join(_ms(transfer_ms(nbytes, bw)) for bw in PAPER_BANDWIDTHS_MBPS) + " |")
+    studied = next((n for n, m in methods.items() if m.get("encodings")), None)
+    enc = methods[studied]["encodings"] if studied else None
     if enc:
-        lines += ["", "### Compact downloads, measured (StableSynthNet)", "",
+        lines += ["", f"### Compact downloads, measured ({methods[studied]['label']})", "",
                   "Every real-time clip's parameters go through the wire format and back; bytes include the "
                   "frame header. Device time = decode + rebuild Θ_d + predict, per adaptation, in Python "
                   "(the ONNX runtime's prediction alone is in `stablesynth bench serve`). `factors*` need the "
@@ -327,7 +336,10 @@ def render_report(results: dict[str, Any], ablation: dict[str, Any] | None = Non
         lines += [f"![{fig.removesuffix('.png').replace('_', ' ')}]({fig})", ""]
     if ablation:
         lines += render_ablation(ablation)
-    return "\n".join(lines) + "\n"
+    text = "\n".join(lines) + "\n"
+    if "task" in b:
+        text += pair_report(results)
+    return text
 
 
 def render_payload(rows: list[dict[str, Any]]) -> list[str]:
@@ -367,3 +379,31 @@ def render_ablation(ablation: dict[str, Any]) -> list[str]:
         lines += [""] + [f"- {n}" for n in ablation["notes"]]
     lines += ["", "![ablations](ablation.png)", ""]
     return lines
+
+
+def pair_report(results: dict[str, Any]) -> str:
+    """The report.md section of multiple choice (paper Table 6) or retrieval (paper Table 3)."""
+    bench = results["benchmark"]
+    methods = results["methods"]
+    paper = results.get("paper", {})
+    lines = [""]
+    if bench.get("task") == "retrieval":
+        keys = ("VR@1", "VR@5", "VR@10", "TR@1", "TR@5", "TR@10")
+        lines += ["## Retrieval (the paper's Table 3 layout)", "",
+                  f"{bench['items']['realtime']} test videos, one caption each; {bench['scoring_cost']}. "
+                  f"Training: {bench['train_data']}; {bench['loss']}. Paper values in brackets.", "",
+                  "| method | " + " | ".join(keys) + " |", "|---|" + "---|" * len(keys)]
+        for name, m in methods.items():
+            p = paper.get("retrieval", {}).get(name, {})
+            cells = [f"{100 * m['retrieval'][k]:.1f}" + (f" ({p[k]})" if k in p else "") for k in keys]
+            lines.append(f"| {m['label']} | " + " | ".join(cells) + " |")
+    else:
+        lines += ["## Multiple choice (the paper's Table 6 layout)", "",
+                  f"{bench['items']['realtime']} test items, {bench['candidates']} candidates each. Training: "
+                  f"{bench['train_data']}; {bench['loss']}.", "",
+                  "| method | accuracy, per sample | per session | paper |", "|---|---|---|---|"]
+        for name, m in methods.items():
+            p = paper.get("accuracy", {}).get(name)
+            lines.append(f"| {m['label']} | {100 * m['mc_accuracy']:.1f} | {100 * m['mc_accuracy_per_session']:.1f} "
+                         f"| {p if p is not None else '—'} |")
+    return "\n".join(lines) + "\n"

@@ -7,8 +7,8 @@ from collections.abc import Mapping
 from typing import Any
 
 from stablesynth.methods import baselines, stablesynth
-from stablesynth.methods.base import METHODS, Method
-from stablesynth.methods.config import MethodConfig, default_method_config
+from stablesynth.methods.base import METHODS, Method, default_method_config
+from stablesynth.methods.config import MethodConfig
 
 
 def build_method(name: str, num_classes: int, cfg: MethodConfig | Mapping[str, Any] | None = None) -> Method:

@@ -9,26 +9,48 @@ Cloud and device halves are explicit so serving uses the same code:
 from __future__ import annotations
 
 from collections.abc import Iterator, Mapping
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
 
 from stablesynth.data.batch import FeatureBatch
+from stablesynth.methods.config import MethodConfig
 from stablesynth.models.device import StaticHead
-from stablesynth.registry import Registry
+from stablesynth.registry import Registry, UnknownNameError
 
 METHODS: Registry[type[Method]] = Registry("method")
 
+#: StableSynthNet's three modules, switched off by the baselines so comparisons isolate them.
+MODULES_OFF: dict[str, Any] = {"contrastive": False, "variance": False, "templates": False}
+
 
 class Method(nn.Module):
+    """What the rest of the package knows of a method, it asks the class (never the name)."""
+
     name: ClassVar[str]
+    #: The name tables and plots show.
+    label: ClassVar[str]
+    #: MethodConfig values that differ from the field defaults for this method.
+    config_defaults: ClassVar[dict[str, Any]] = {}
     #: False for methods that generate nothing per upload (f_linear, fine_tune).
     adaptive: ClassVar[bool] = True
     #: False for methods whose stage 2 trains nothing (fine_tune: the stage-1 head as is).
     trains_in_stage2: ClassVar[bool] = True
+    #: True when the method reads features of the untrained encoder, not stage 1's (f_linear).
+    uses_untrained_encoder: ClassVar[bool] = False
+    #: True when the upload is several frames (``duet_frames``), not one.
+    multi_frame_upload: ClassVar[bool] = False
+    #: True for the stage-1 global head: the reference of the oracle, the diagnostics and em-prior.
+    is_global_head: ClassVar[bool] = False
+    #: True for the method this package proposes: the report's comparisons and the encoding study are about it.
+    proposed: ClassVar[bool] = False
+    cfg: MethodConfig
     #: The device's static MLP (192 → 96); every method has one.
     static: StaticHead
+
+    def prepare_cost_count(self) -> None:
+        """Put an untrained model in the state a trained one counts cloud FLOPs in (default: nothing)."""
 
     def init_from_head(self, static: StaticHead, weight: torch.Tensor, bias: torch.Tensor) -> None:
         """Start from the stage-1 head: copy its static MLP (subclasses also take W, b)."""
@@ -74,3 +96,10 @@ class Method(nn.Module):
     def forward(self, batch: FeatureBatch) -> torch.Tensor:
         """Per-sample mode: every clip is predicted with Θ_d generated from its own upload."""
         return self.predict(batch.f_g, self.adapt(self.upload(batch)))
+
+
+def default_method_config(name: str, **overrides: Any) -> MethodConfig:
+    """The named method's default config, with ``overrides`` applied (validated)."""
+    if name not in METHODS:
+        raise UnknownNameError(f"unknown method {name!r} (known: {', '.join(sorted(METHODS.names()))})")
+    return MethodConfig.from_dict({**METHODS.get(name).config_defaults, **overrides})

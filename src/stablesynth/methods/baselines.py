@@ -8,13 +8,13 @@ default ``film``), so comparing the two isolates StableSynthNet's three modules.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
 
 from stablesynth.data.batch import FeatureBatch
-from stablesynth.methods.base import METHODS, Method
+from stablesynth.methods.base import METHODS, MODULES_OFF, Method
 from stablesynth.methods.config import MethodConfig
 from stablesynth.models.device import FEATURE_DIM, HIDDEN_DIM, StaticHead, dynamic_linear, dynamic_specs
 from stablesynth.models.generators import Generator, create_generator
@@ -71,19 +71,25 @@ class _GlobalHead(_DeviceHeadMixin):
         return self.predict(batch.f_g, {"weight": self.weight, "bias": self.bias})
 
 
-@METHODS.register("fine_tune")
-class FineTune(_GlobalHead):
-    """Fine-tuning: the stage-1 global head (encoder + head trained in stage 1); stage 2 trains nothing."""
-
-    name: ClassVar[str] = "fine_tune"
-    trains_in_stage2: ClassVar[bool] = False
-
-
 @METHODS.register("f_linear")
 class FLinear(_GlobalHead):
     """F-linear: the same head, trained in stage 2 on features of the untrained (frozen) encoder."""
 
     name: ClassVar[str] = "f_linear"
+    label: ClassVar[str] = "F-linear"
+    config_defaults: ClassVar[dict[str, Any]] = dict(MODULES_OFF)
+    uses_untrained_encoder: ClassVar[bool] = True
+
+
+@METHODS.register("fine_tune")
+class FineTune(_GlobalHead):
+    """Fine-tuning: the stage-1 global head (encoder + head trained in stage 1); stage 2 trains nothing."""
+
+    name: ClassVar[str] = "fine_tune"
+    label: ClassVar[str] = "Fine-tuning"
+    config_defaults: ClassVar[dict[str, Any]] = dict(MODULES_OFF)
+    trains_in_stage2: ClassVar[bool] = False
+    is_global_head: ClassVar[bool] = True
 
 
 class HyperMethod(_DeviceHeadMixin):
@@ -121,6 +127,9 @@ class FHyper(HyperMethod):
     """F-hyper: the hypernetwork on the raw uploaded frame; cross-entropy only."""
 
     name: ClassVar[str] = "f_hyper"
+    label: ClassVar[str] = "F-hyper"
+    #: StableSynthNet's generator with its modules off.
+    config_defaults: ClassVar[dict[str, Any]] = dict(MODULES_OFF)
 
 
 @METHODS.register("duet")
@@ -128,6 +137,10 @@ class Duet(HyperMethod):
     """DUET: GRU + MLP over the clip's first ``duet_frames`` frames ([B, 5, 192] uploaded), full generator."""
 
     name: ClassVar[str] = "duet"
+    label: ClassVar[str] = "DUET"
+    #: DUET's own full linear generator.
+    config_defaults: ClassVar[dict[str, Any]] = {**MODULES_OFF, "generator": "full"}
+    multi_frame_upload: ClassVar[bool] = True
 
     def _make_projector(self, cfg: MethodConfig) -> nn.Module:
         return SequenceProjector(FEATURE_DIM, cfg.driver_dim, cfg.projector_hidden)

@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 import math
-from typing import Any, Literal
+from typing import Literal
 
 from stablesynth.config import Config, require
-from stablesynth.registry import UnknownNameError
 
 
 class MethodConfig(Config):
@@ -76,23 +75,3 @@ class MethodConfig(Config):
         require(self.weight_decay >= 0, "weight_decay", f"must be >= 0, got {self.weight_decay}")
         require(self.epochs >= 0, "epochs", f"must be >= 0, got {self.epochs}")
         require(self.batch_size >= 1, "batch_size", f"must be >= 1, got {self.batch_size}")
-
-
-_MODULES_OFF: dict[str, Any] = {"contrastive": False, "variance": False, "templates": False}
-
-#: Named defaults: the baselines switch StableSynthNet's modules off so comparisons isolate them;
-#: f_hyper keeps StableSynthNet's generator, DUET uses its own full linear generator.
-DEFAULTS: dict[str, dict[str, Any]] = {
-    "fine_tune": dict(_MODULES_OFF),
-    "f_linear": dict(_MODULES_OFF),
-    "f_hyper": dict(_MODULES_OFF),
-    "duet": {**_MODULES_OFF, "generator": "full"},
-    "stablesynth": {},
-}
-
-
-def default_method_config(name: str, **overrides: Any) -> MethodConfig:
-    """The named method's default config, with ``overrides`` applied (validated)."""
-    if name not in DEFAULTS:
-        raise UnknownNameError(f"unknown method {name!r} (known: {', '.join(sorted(DEFAULTS))})")
-    return MethodConfig.from_dict({**DEFAULTS[name], **overrides})

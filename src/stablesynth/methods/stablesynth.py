@@ -29,11 +29,20 @@ from stablesynth.models.device import FEATURE_DIM
 @METHODS.register("stablesynth")
 class StableSynthNet(HyperMethod):
     name: ClassVar[str] = "stablesynth"
+    label: ClassVar[str] = "StableSynthNet"
+    proposed: ClassVar[bool] = True
 
     def __init__(self, cfg: MethodConfig, num_classes: int) -> None:
         super().__init__(cfg, num_classes)
         num_categories = cfg.num_categories if cfg.num_categories is not None else num_classes
         self.templates = TemplateBank(num_categories, FEATURE_DIM, cfg.beta, cfg.gamma, cfg.template_update)
+
+    def prepare_cost_count(self) -> None:
+        # A trained model has every template; an empty bank would skip the selection and under-count.
+        if self.cfg.templates:
+            with torch.no_grad():
+                self.templates.P.normal_()
+                self.templates.initialised.fill_(True)
 
     def fuse(self, upload: torch.Tensor) -> torch.Tensor:
         """F' (Eq. 11–12), the template chosen from the upload alone; F itself while no template exists."""

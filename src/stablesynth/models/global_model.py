@@ -41,7 +41,7 @@ class GlobalModel(nn.Module):
         """F_g: mean of the encoder features of the clip's D sampled frames."""
         frames = batch["frames"]
         idx = batch["global_index"]
-        b = torch.arange(frames.shape[0]).unsqueeze(1)
+        b = torch.arange(frames.shape[0], device=frames.device).unsqueeze(1)
         chosen = frames[b, idx]
         return encode_frames(self.encoder, chosen, batch["input_ids"], batch["attention_mask"]).mean(dim=1)
 

@@ -19,12 +19,13 @@ to those cached parameters, else to the bundle's global ones, and says which
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
-import hashlib
 import json
 import os
 import shutil
 import tempfile
+import threading
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -35,12 +36,15 @@ import httpx
 import numpy as np
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save
 
+from stablesynth.files import atomic_write_bytes, atomic_write_text, sha256_file
+from stablesynth.methods import build_method
 from stablesynth.serving import protocol
+from stablesynth.serving.app import VERSION_HEADER
+from stablesynth.serving.model import CloudModel
 from stablesynth.serving.protocol import ENCODINGS, MEDIA_TYPE, PARAM_ENCODINGS, ProtocolError
 from stablesynth.serving.runtime import DeviceRuntime, export_device_onnx
-from stablesynth.serving.server import VERSION_HEADER, CloudModel, build_method
 
 BUNDLE_FORMAT = "stablesynth-device-bundle"
 BUNDLE_VERSION = 1
@@ -51,24 +55,10 @@ class BundleError(ValueError):
     """A device bundle is missing, corrupt or of an unknown format."""
 
 
-def _sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
 def _atomic_save(tensors: Mapping[str, torch.Tensor], path: Path, metadata: dict[str, str]) -> None:
     """Write safetensors so that a crash leaves either the old file or the new one, never half."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    os.close(fd)
-    try:
-        save_file({k: v.detach().contiguous().float().cpu() for k, v in tensors.items()}, tmp,
-                  metadata=metadata)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    data = save({k: v.detach().contiguous().float().cpu() for k, v in tensors.items()}, metadata=metadata)
+    atomic_write_bytes(path, data, fsync=True)
 
 
 def global_params(cloud: CloudModel) -> dict[str, torch.Tensor]:
@@ -113,9 +103,9 @@ def export_device_bundle(cloud: CloudModel, out_dir: str | Path) -> Path:
             "model_id": cloud.model_id, "model_version": cloud.version, "num_classes": cloud.num_classes,
             "method": cloud.method_name, "method_config": cloud.method_config,
             "encodings": list(cloud.encodings),
-            "files": {name: _sha256(tmp / name) for name in files},
+            "files": {name: sha256_file(tmp / name) for name in files},
         }
-        (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
+        atomic_write_text(tmp / "manifest.json", json.dumps(manifest, indent=2) + "\n")
         if out.exists():
             shutil.rmtree(out)
         os.rename(tmp, out)
@@ -156,7 +146,7 @@ class DeviceBundle:
             raise BundleError(f"{path}: not a version-{BUNDLE_VERSION} {BUNDLE_FORMAT}")
         for name, digest in manifest.get("files", {}).items():
             file = path / name
-            if not file.is_file() or _sha256(file) != digest:
+            if not file.is_file() or sha256_file(file) != digest:
                 raise BundleError(f"{path}: {name} is missing or corrupt (SHA-256 mismatch)")
         try:
             glob = load_file(str(path / "global.safetensors"))
@@ -169,8 +159,7 @@ class DeviceBundle:
 
     def generator(self) -> torch.nn.Module:
         """The generator, rebuilt from the method's config and loaded with the bundle's weights."""
-        method = build_method(self.manifest["method"], self.manifest.get("method_config") or {},
-                              self.num_classes)
+        method = build_method(self.manifest["method"], self.num_classes, self.manifest.get("method_config") or {})
         gen = method.generator
         gen.load_state_dict(load_file(str(self.path / "generator.safetensors")), strict=True)
         return gen.eval()
@@ -209,20 +198,28 @@ class _FinalError(Exception):
     """A failure that retrying cannot fix (4xx, other model version, payload that does not fit)."""
 
 
+def default_max_reply_bytes(num_classes: int) -> int:
+    """Largest reply the device accepts for K classes: twice fp32 Θ_d (97·K floats) plus 1 MiB."""
+    return 2 * 4 * 97 * num_classes + (1 << 20)
+
+
 class DeviceClient:
     """Upload one frame feature, get Θ_d, fall back to cached or global parameters on any failure.
 
-    ``timeout`` bounds each HTTP phase (connect, send, first byte, read); at most
-    ``1 + retries`` attempts are made, only for failures that may pass (connection
-    errors, timeouts, 5xx, corrupted frames). A version mismatch or a 4xx is final.
+    ``timeout`` is the deadline of the whole exchange, retries included: :meth:`adapt`
+    returns by then whatever the server does (a server that drips bytes is abandoned at the
+    deadline). At most ``1 + retries`` attempts are made, only for failures that may pass
+    (connection errors, timeouts, 5xx, corrupted frames). A version mismatch or a 4xx is
+    final. A reply larger than ``max_reply_bytes`` is refused while it streams in.
     """
 
     def __init__(self, base_url: str, bundle_dir: str | Path, model_id: str | None = None,
                  encoding: str = "fp32", timeout: float = 2.0, retries: int = 2, token: str | None = None,
-                 cache_dir: str | Path | None = None, backoff_s: float = 0.05) -> None:
+                 cache_dir: str | Path | None = None, backoff_s: float = 0.05,
+                 max_reply_bytes: int | None = None) -> None:
         if encoding not in ENCODINGS:
             raise ValueError(f"unknown encoding {encoding!r} (known: {', '.join(ENCODINGS)})")
-        if retries < 0 or timeout <= 0:
+        if retries < 0 or not timeout > 0:
             raise ValueError("retries must be >= 0 and timeout > 0")
         self.bundle = DeviceBundle.load(bundle_dir)
         self.model_id = model_id or self.bundle.model_id
@@ -231,6 +228,9 @@ class DeviceClient:
         self.encoding = encoding
         self.retries = retries
         self.backoff_s = backoff_s
+        self.timeout = timeout
+        self.max_reply_bytes = max_reply_bytes or default_max_reply_bytes(self.bundle.num_classes)
+        self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=2, thread_name_prefix="adapt")
         self.cache_path = Path(cache_dir or self.bundle.path / "cache") / "last_good.safetensors"
         headers = {"Content-Type": "application/octet-stream", "Accept": MEDIA_TYPE,
                    VERSION_HEADER: self.bundle.model_version}
@@ -243,6 +243,7 @@ class DeviceClient:
 
     # -- lifecycle
     def close(self) -> None:
+        self._pool.shutdown(wait=False, cancel_futures=True)
         self.http.close()
 
     def __enter__(self) -> DeviceClient:
@@ -262,13 +263,16 @@ class DeviceClient:
         """Θ_d for this upload: from the server if it can be trusted, else cache, else global."""
         body = protocol.encode_upload(feature)
         t0 = time.perf_counter()
+        deadline = t0 + self.timeout
         error: str | None = None
         attempts = 0
         bytes_down = 0
         for attempt in range(self.retries + 1):
+            if time.perf_counter() >= deadline:
+                break
             attempts = attempt + 1
             try:
-                params, n = self._attempt(body)
+                params, n = self._attempt_by(body, deadline)
                 bytes_down += n
                 self._save_cache(params)
                 return AdaptResult(params, "server", None, bytes_down, (time.perf_counter() - t0) * 1e3,
@@ -276,7 +280,7 @@ class DeviceClient:
             except _RetryableError as exc:
                 error = str(exc)
                 if attempt < self.retries:
-                    time.sleep(self.backoff_s * (2**attempt))
+                    time.sleep(max(0.0, min(self.backoff_s * (2**attempt), deadline - time.perf_counter())))
             except _FinalError as exc:
                 error = str(exc)
                 break
@@ -291,28 +295,60 @@ class DeviceClient:
         result = self.adapt(feature)
         return self.runtime.predict(f_g, result.params["weight"], result.params["bias"]), result
 
-    def _attempt(self, body: bytes) -> tuple[dict[str, torch.Tensor], int]:
+    def _attempt_by(self, body: bytes, deadline: float) -> tuple[dict[str, torch.Tensor], int]:
+        """One attempt that returns (or raises) by ``deadline`` whatever the server does."""
+        cancel = threading.Event()
+        fut = self._pool.submit(self._attempt, body, deadline, cancel)
         try:
-            resp = self.http.post(f"/v1/models/{self.model_id}/adapt", content=body,
-                                  params={"encoding": self.encoding})
+            return fut.result(timeout=max(0.0, deadline - time.perf_counter()))
+        except concurrent.futures.TimeoutError:
+            cancel.set()  # the exchange stops at its next chunk or read timeout
+            raise _RetryableError(f"timeout: no complete reply within the {self.timeout:g} s deadline") from None
+
+    def _read(self, body: bytes, deadline: float, cancel: threading.Event) -> tuple[int, bytes, str]:
+        """Status, body (capped at ``max_reply_bytes``) and content type of one exchange."""
+        phase = httpx.Timeout(max(deadline - time.perf_counter(), 1e-3))
+        try:
+            with self.http.stream("POST", f"/v1/models/{self.model_id}/adapt", content=body,
+                                  params={"encoding": self.encoding}, timeout=phase) as resp:
+                declared = resp.headers.get("content-length", "")
+                if declared.isdigit() and int(declared) > self.max_reply_bytes:
+                    raise _FinalError(f"reply of {declared} bytes exceeds the cap of {self.max_reply_bytes}")
+                chunks, size = [], 0
+                for chunk in resp.iter_raw():
+                    size += len(chunk)
+                    if size > self.max_reply_bytes:
+                        raise _FinalError(f"reply exceeds the cap of {self.max_reply_bytes} bytes")
+                    if cancel.is_set():
+                        raise _RetryableError("timeout: deadline passed while reading")
+                    chunks.append(chunk)
+                return resp.status_code, b"".join(chunks), resp.headers.get("content-type", "")
         except httpx.TimeoutException as exc:
             raise _RetryableError(f"timeout: {type(exc).__name__}") from None
-        except httpx.TransportError as exc:
+        except (httpx.TransportError, httpx.DecodingError) as exc:
             raise _RetryableError(f"server unreachable: {type(exc).__name__}: {exc}") from None
-        if resp.status_code >= 500:
-            raise _RetryableError(f"server error {resp.status_code}")
-        if resp.status_code != 200:
+
+    def _attempt(self, body: bytes, deadline: float,
+                 cancel: threading.Event) -> tuple[dict[str, torch.Tensor], int]:
+        status, data, _ = self._read(body, deadline, cancel)
+        if status >= 500:
+            raise _RetryableError(f"server error {status}")
+        if status != 200:
             try:
-                detail = resp.json()
+                detail = json.loads(data)
                 msg = f"{detail.get('error')}: {detail.get('detail')}"
-            except (ValueError, AttributeError):
-                msg = resp.text[:200]
-            raise _FinalError(f"HTTP {resp.status_code} {msg}")
-        data = resp.content
+            except (ValueError, AttributeError, RecursionError):
+                msg = data[:200].decode("utf-8", "replace")
+            if status == 409:
+                msg += (f"; this bundle is {self.model_id}@{self.bundle.model_version}: refusing the "
+                        "server's parameters")
+            raise _FinalError(f"HTTP {status} {msg}")
         try:
             tensors, header = protocol.decode(data, self.model_id, self.bundle.model_version)
         except (protocol.ModelMismatch, protocol.UnsupportedVersion) as exc:
-            raise _FinalError(f"{type(exc).__name__}: {exc}") from None
+            raise _FinalError(f"{type(exc).__name__}: {exc}; this bundle is "
+                              f"{self.model_id}@{self.bundle.model_version}: refusing the server's "
+                              "parameters") from None
         except ProtocolError as exc:
             raise _RetryableError(f"{type(exc).__name__}: {exc}") from None
         if header.encoding != self.encoding:

@@ -66,14 +66,6 @@ def _candidate_configs(run_dir: Path) -> list[tuple[str, Any]]:
         except (ValueError, TypeError, AttributeError):
             pass  # an unreadable results.json is not fatal: the packaged configs may still match
     out.append(("the packaged benchmark config", load_config()))
-    try:
-        from stablesynth.pipeline import load_run_config
-
-        for quick in (False, True):
-            out.append((f"the packaged {'quick' if quick else 'demo'} run config",
-                        load_run_config(None, quick=quick).benchmark))
-    except (ImportError, ValueError, OSError):
-        pass
     return out
 
 

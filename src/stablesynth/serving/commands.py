@@ -4,12 +4,40 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from stablesynth.serving.protocol import ENCODINGS
+
+#: Environment variable holding the bearer token (kept off the command line, where `ps` shows it).
+TOKEN_ENV = "STABLESYNTH_TOKEN"
+
+
+def _add_token_arguments(parser: argparse.ArgumentParser, what: str) -> None:
+    parser.add_argument("--token", default=None,
+                        help=f"{what} (visible to every local user in `ps`: prefer --token-file or ${TOKEN_ENV})")
+    parser.add_argument("--token-file", type=Path, default=None, metavar="FILE",
+                        help=f"read the token from FILE (first line); default: ${TOKEN_ENV} if set")
+
+
+def resolve_token(token: str | None, token_file: Path | None) -> str | None:
+    """The bearer token from --token, else --token-file, else $STABLESYNTH_TOKEN, else None."""
+    if token is not None and token_file is not None:
+        raise ValueError("give --token or --token-file, not both")
+    if token_file is not None:
+        try:
+            lines = token_file.read_text(encoding="utf-8").splitlines()
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ValueError(f"--token-file {token_file}: {exc}") from None
+        token = lines[0].strip() if lines else ""
+    elif token is None:
+        token = os.environ.get(TOKEN_ENV) or None
+    if token is not None and (not token or not token.isascii() or not token.isprintable() or " " in token):
+        raise ValueError("the token must be non-empty printable ASCII without spaces")
+    return token
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -22,7 +50,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                        help="method checkpoint directory (repeat to serve several models)")
     serve.add_argument("--host", default="127.0.0.1", help="interface to bind (default: loopback only)")
     serve.add_argument("--port", type=int, default=8000)
-    serve.add_argument("--token", default=None, help="require 'Authorization: Bearer TOKEN' on /v1/*")
+    _add_token_arguments(serve, "require 'Authorization: Bearer TOKEN' on /v1/*")
     serve.add_argument("--max-batch", type=int, default=64, help="most uploads per batched model call")
     serve.add_argument("--max-wait-ms", type=float, default=0.0,
                        help="how long the first request of a batch waits for company (default 0: dispatch "
@@ -34,6 +62,20 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                        help="PyTorch intra-op threads (default 1; scale out with more processes instead)")
     serve.add_argument("--model-id", default=None,
                        help="serve under this id (one checkpoint only; default: the manifest's)")
+    serve.add_argument("--workers", type=int, default=1,
+                       help="server processes on the one port, each batching its own requests (default 1)")
+    serve.add_argument("--device", default="cpu", metavar="auto|cpu|cuda[:N]",
+                       help="where the model runs (default cpu; checkpoints load on the CPU first)")
+    serve.add_argument("--header-timeout", type=float, default=10.0,
+                       help="seconds a connection has to send a request's head (default 10)")
+    serve.add_argument("--body-timeout", type=float, default=10.0,
+                       help="seconds a request has to send its body after the head (default 10)")
+    serve.add_argument("--keep-alive", type=int, default=5,
+                       help="seconds an idle keep-alive connection is kept (default 5)")
+    serve.add_argument("--max-header-bytes", type=int, default=16 * 1024,
+                       help="largest request head (request line + headers) in bytes; 431 beyond (default 16384)")
+    serve.add_argument("--limit-concurrency", type=int, default=1024,
+                       help="open connections or requests beyond which new requests get 503 (default 1024)")
     serve.set_defaults(func=_serve)
 
     device = subparsers.add_parser("device", help="device side: export a bundle, predict via a server",
@@ -66,29 +108,40 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     predict.add_argument("--upload-index", type=int, default=None,
                          help="which frame to upload (default: 0 for --feature-file, the clip's own for --clip)")
     predict.add_argument("--encoding", choices=ENCODINGS, default="fp32")
-    predict.add_argument("--timeout", type=float, default=2.0, help="seconds per HTTP phase")
+    predict.add_argument("--timeout", type=float, default=2.0,
+                         help="deadline of the whole exchange in seconds, retries included (default 2)")
     predict.add_argument("--retries", type=int, default=2)
-    predict.add_argument("--token", default=None)
+    _add_token_arguments(predict, "send 'Authorization: Bearer TOKEN'")
     predict.set_defaults(func=_predict)
     device.set_defaults(func=lambda args: device.print_help() or 2)
 
 
-def _serve(args: argparse.Namespace) -> int:
-    from stablesynth.serving.server import load_cloud_model, serve
+def _resolve_device(spec: str) -> str:
+    try:
+        from stablesynth.accelerator import resolve_device
+    except ModuleNotFoundError:  # an install without accelerator support serves on the CPU only
+        if spec != "cpu":
+            raise ValueError(f"--device {spec}: this installation serves on the CPU only") from None
+        return "cpu"
+    return str(resolve_device(spec))
 
-    if args.model_id and len(args.checkpoint) > 1:
-        raise ValueError("--model-id needs exactly one --checkpoint")
-    models = {}
-    for ckpt in args.checkpoint:
-        model = load_cloud_model(ckpt, model_id=args.model_id)
-        if model.model_id in models:
-            raise ValueError(f"two checkpoints claim model id {model.model_id!r}")
-        models[model.model_id] = model
+
+def _serve(args: argparse.Namespace) -> int:
+    from stablesynth.serving.limits import ServeLimits
+    from stablesynth.serving.server import ServeSpec, load_models, serve_checkpoints
+
+    limits = ServeLimits(max_header_bytes=args.max_header_bytes, header_timeout=args.header_timeout,
+                         body_timeout=args.body_timeout, keep_alive_timeout=args.keep_alive,
+                         limit_concurrency=args.limit_concurrency)
+    device = _resolve_device(args.device)
+    spec = ServeSpec([str(c) for c in args.checkpoint], args.model_id, device,
+                     resolve_token(args.token, args.token_file), args.max_batch, args.max_wait_ms,
+                     args.inline_ms, args.torch_threads, limits.__dict__.copy())
+    models = load_models(spec.checkpoints, spec.model_id, device)  # validates before any worker starts
     for m in models.values():
-        print(f"serving {m.model_id}@{m.version} ({m.method_name}, K={m.num_classes}) "
-              f"on http://{args.host}:{args.port}", flush=True)
-    serve(models, host=args.host, port=args.port, token=args.token, max_batch=args.max_batch,
-          max_wait_ms=args.max_wait_ms, inline_ms=args.inline_ms, torch_threads=args.torch_threads)
+        print(f"serving {m.model_id}@{m.version} ({m.method_name}, K={m.num_classes}, {device}) "
+              f"on http://{args.host}:{args.port} with {args.workers} worker(s)", flush=True)
+    serve_checkpoints(spec, args.host, args.port, args.workers, models if args.workers == 1 else None)
     return 0
 
 
@@ -137,7 +190,7 @@ def _predict(args: argparse.Namespace) -> int:
     if not 0 <= upload_index < frames.shape[0]:
         raise ValueError(f"--upload-index {upload_index} outside the clip's {frames.shape[0]} frames")
     with DeviceClient(args.server, args.bundle, encoding=args.encoding, timeout=args.timeout,
-                      retries=args.retries, token=args.token) as client:
+                      retries=args.retries, token=resolve_token(args.token, args.token_file)) as client:
         if clip is not None and client.bundle.num_classes != len(clip.answers):
             raise ValueError(f"bundle has K={client.bundle.num_classes} but the benchmark has "
                              f"{len(clip.answers)} answers: export the bundle from this run's checkpoint")
@@ -159,3 +212,25 @@ def _predict(args: argparse.Namespace) -> int:
               f"{res.latency_ms:.1f} ms")
     print(json.dumps(out))
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m stablesynth.serving.commands serve|device ...``: the serving commands alone
+    (a server process that imports nothing of training or evaluation)."""
+    import sys
+
+    parser = argparse.ArgumentParser(prog="stablesynth-serving")
+    register(parser.add_subparsers(dest="command", metavar="COMMAND"))
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    try:
+        return int(args.func(args) or 0)
+    except (ValueError, FileNotFoundError) as exc:  # the user's to fix: one line, as `stablesynth` does
+        print(f"stablesynth: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -4,7 +4,10 @@
 ``WORLD_SIZE``, ``LOCAL_RANK``, ``MASTER_ADDR`` and ``MASTER_PORT``;
 :func:`init_distributed` reads them and joins the process group (gloo on CPUs,
 NCCL on GPUs). Without those variables it returns a single-process context, so
-every caller can use the same code path in both cases.
+every caller can use the same code path in both cases. With NCCL each rank owns the
+GPU ``cuda:LOCAL_RANK``: :meth:`DistContext.wrap` moves the model there before wrapping
+it, so DDP all-reduces the gradients on the GPU, and :func:`training_device` tells the
+training loops to put their batches there too.
 
 What the helpers guarantee:
 
@@ -27,6 +30,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 from torch import nn
+
+from stablesynth.accelerator import resolve_device
 
 ENV_VARS: tuple[str, ...] = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
 
@@ -79,12 +84,17 @@ class DistContext:
         return {k: float(v) for k, v in zip(keys, t.tolist())}
 
     def wrap(self, model: nn.Module, find_unused_parameters: bool = False) -> nn.Module:
-        """``model`` under DistributedDataParallel when distributed, else ``model`` itself."""
+        """``model`` under DistributedDataParallel when distributed, else ``model`` itself.
+
+        On NCCL the model is first moved (in place) to this rank's GPU, so the gradients
+        are all-reduced there.
+        """
         if not self.enabled:
             return model
         from torch.nn.parallel import DistributedDataParallel
 
         if self.device.startswith("cuda"):
+            model.to(self.device)
             return DistributedDataParallel(model, device_ids=[self.local_rank],
                                            find_unused_parameters=find_unused_parameters)
         return DistributedDataParallel(model, find_unused_parameters=find_unused_parameters)
@@ -105,12 +115,33 @@ def launched_by_torchrun() -> bool:
     return "WORLD_SIZE" in os.environ and "RANK" in os.environ
 
 
-def init_distributed(backend: str | None = None, timeout_s: float = 1800.0) -> DistContext:
+def training_device(device: torch.device | str | None, ctx: DistContext | None = None) -> torch.device:
+    """The device a training loop runs on: this rank's GPU under NCCL, else ``device`` (default CPU).
+
+    Under torchrun each rank must use its own GPU whatever ``--device`` said, so an
+    NCCL context wins; a spelling such as ``auto`` is resolved by
+    :func:`~stablesynth.accelerator.resolve_device`.
+    """
+    if ctx is not None and ctx.enabled and ctx.device.startswith("cuda"):
+        return torch.device(ctx.device)
+    if device is None:
+        return torch.device("cpu")
+    return resolve_device(device)
+
+
+def init_distributed(backend: str | None = None, timeout_s: float = 1800.0,
+                     device: torch.device | str | None = None) -> DistContext:
     """Join the process group described by torchrun's environment variables.
 
-    ``backend`` defaults to NCCL when CUDA is available and gloo otherwise. Returns
-    :data:`SINGLE` when the variables are absent or ``WORLD_SIZE`` is 1.
+    ``backend`` defaults to NCCL when CUDA is available and gloo otherwise. ``device``
+    (``--device``) narrows that: ``cpu`` means gloo on CPUs even on a GPU machine, ``cuda``
+    requires CUDA (NCCL, rank r on ``cuda:LOCAL_RANK``; an index is ignored, torchrun
+    decides), ``auto``/None keeps the default. Returns :data:`SINGLE` when the variables
+    are absent or ``WORLD_SIZE`` is 1.
     """
+    wanted = None if device is None else resolve_device(device)
+    if wanted is not None and backend is None:
+        backend = "nccl" if wanted.type == "cuda" else "gloo"
     if not launched_by_torchrun():
         return SINGLE
     world = _env_int("WORLD_SIZE")
@@ -129,6 +160,9 @@ def init_distributed(backend: str | None = None, timeout_s: float = 1800.0) -> D
     backend = backend or ("nccl" if use_cuda else "gloo")
     device = "cpu"
     if backend == "nccl":
+        if not torch.cuda.is_available() or local >= torch.cuda.device_count():
+            raise DistributedError(f"NCCL needs a GPU per local rank; LOCAL_RANK={local} but "
+                                   f"{torch.cuda.device_count()} CUDA device(s) are visible")
         torch.cuda.set_device(local)
         device = f"cuda:{local}"
     if not dist.is_initialized():

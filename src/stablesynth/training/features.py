@@ -19,9 +19,10 @@ import torch
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
+from stablesynth.accelerator import autocast, configure_backends, precision_name, to_device
 from stablesynth.data.batch import FeatureBatch
 from stablesynth.models.global_model import encode_frames
-from stablesynth.training.distributed import SINGLE, DistContext
+from stablesynth.training.distributed import SINGLE, DistContext, training_device
 
 ROW_KEYS = ("label", "device", "question_type", "upload_index", "global_index", "sample_id")
 CACHE_FORMAT = 1
@@ -57,6 +58,7 @@ def extract_features(
     shard_batches: int = 8,
     desc: str = "features",
     dist: DistContext | None = None,
+    device: torch.device | str | None = None,
 ) -> Path:
     """Encode every frame of every clip; write shards of ``shard_batches`` batches each.
 
@@ -68,8 +70,17 @@ def extract_features(
     missing shards are fetched, so resuming (or another rank's shards) costs no
     decoding. Under torchrun (``dist``) shard s is written by rank ``s % world_size``;
     every rank returns once the whole cache is complete.
+
+    ``device`` (default CPU; this rank's GPU under NCCL) is where ``encoder`` runs; it is
+    moved there. On CUDA the encoder runs under bf16 autocast and the cache's key records
+    ``"precision": "bfloat16"``, so fp32 (CPU) and bf16 shards never mix; features are
+    stored as fp32 on CPU either way.
     """
     ctx = dist or SINGLE
+    dev = training_device(device, ctx)
+    configure_backends(dev)
+    if dev.type != "cpu":
+        key = {**key, "precision": precision_name(dev)}
     out_dir.mkdir(parents=True, exist_ok=True)
     manifest_path = out_dir / "manifest.json"
     n_shards = (n_batches + shard_batches - 1) // shard_batches
@@ -88,6 +99,7 @@ def extract_features(
     ctx.barrier()
     if ctx.is_main:
         _atomic_json(manifest_path, manifest)
+    encoder.to(dev)
     encoder.eval()
     done = {int(p.stem.split("-")[1]) for p in out_dir.glob("shard-*.safetensors")}
     mine = {s for s in range(n_shards) if s % ctx.world_size == ctx.rank and s not in done}
@@ -105,10 +117,14 @@ def extract_features(
         if shard not in mine:
             bar.update(1)
             continue
-        feats = encode_frames(encoder, batch["frames"], batch["input_ids"], batch["attention_mask"])
+        inputs = {k: batch[k] for k in ("frames", "input_ids", "attention_mask")}
+        if dev.type != "cpu":
+            inputs = to_device(inputs, dev, non_blocking=True)
+        with autocast(dev):
+            feats = encode_frames(encoder, inputs["frames"], inputs["input_ids"], inputs["attention_mask"])
         if not torch.isfinite(feats).all():
             raise FeatureCacheError(f"encoder produced non-finite features in batch {i}")
-        pending.setdefault("frames", []).append(feats.float())
+        pending.setdefault("frames", []).append(feats.float().cpu())
         for k in ROW_KEYS:
             pending.setdefault(k, []).append(batch[k].long())
         bar.update(1)

@@ -4,6 +4,10 @@ The model is Eq. 4 with static parameters: F_g = mean of the encoder's features 
 the D sampled frames, then the device head (static MLP + a plain 96 → K layer).
 Training is resumable: the state after every epoch is a checkpoint (model and
 AdamW moments in safetensors, epoch and scheduler position in the manifest).
+
+It runs on the device it is given (CPU by default; bf16 autocast and fused AdamW on
+CUDA, see :mod:`stablesynth.training.steps`). Checkpoints are written from CPU copies,
+so a run trained on a GPU resumes, evaluates or serves on a CPU and vice versa.
 """
 
 from __future__ import annotations
@@ -11,21 +15,21 @@ from __future__ import annotations
 import time
 import warnings
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
-from torch import nn
 from tqdm.auto import tqdm
 
+from stablesynth.accelerator import configure_backends, to_device
 from stablesynth.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from stablesynth.config import Config, require
 from stablesynth.models.global_model import GlobalModel
-from stablesynth.training.distributed import SINGLE, DistContext
+from stablesynth.training.distributed import SINGLE, DistContext, training_device
+from stablesynth.training.steps import forward_loss, make_optimizer, make_scheduler, optimizer_step
+from stablesynth.training.steps import polynomial_decay as polynomial_decay
 
 
-@dataclass
 class Stage1Config(Config):
     """Stage-1 optimisation (paper §4.3: AdamW, polynomial decay, lr 2e-5, 10 epochs).
 
@@ -43,7 +47,7 @@ class Stage1Config(Config):
     head_dropout: float = 0.5
     max_steps_per_epoch: int = 0
 
-    def validate(self) -> None:
+    def check(self) -> None:
         require(self.epochs >= 0, "epochs", "must be >= 0")
         require(self.lr > 0, "lr", "must be > 0")
         require(self.batch_size >= 1, "batch_size", "must be >= 1")
@@ -52,22 +56,13 @@ class Stage1Config(Config):
         require(self.max_steps_per_epoch >= 0, "max_steps_per_epoch", "must be >= 0 (0 = no cap)")
 
 
-def polynomial_decay(step: int, total: int, warmup: int, power: float = 1.0) -> float:
-    """Linear warm-up then polynomial decay to 0 (the All-in-One schedule)."""
-    if total <= 0:
-        return 1.0
-    if step < warmup:
-        return (step + 1) / max(1, warmup)
-    progress = min(1.0, (step - warmup) / max(1, total - warmup))
-    return (1.0 - progress) ** power
-
-
 def _optimizer_tensors(opt: torch.optim.Optimizer) -> dict[str, torch.Tensor]:
     out: dict[str, torch.Tensor] = {}
     for pid, state in opt.state_dict()["state"].items():
         for key, value in state.items():
             if torch.is_tensor(value):
-                out[f"optim.{pid}.{key}"] = value.detach().clone().reshape(value.shape)
+                # A CPU copy: checkpoints do not depend on the device that trained.
+                out[f"optim.{pid}.{key}"] = value.detach().cpu().clone().reshape(value.shape)
     return out
 
 
@@ -92,6 +87,8 @@ def train_stage1(
     manifest_extra: Mapping[str, Any] | None = None,
     log: Any = print,
     dist: DistContext | None = None,
+    check_every: int = 50,
+    device: torch.device | str | None = None,
 ) -> dict[str, Any]:
     """Train ``model`` for ``cfg.epochs``; resume from ``ckpt_dir`` when it holds a partial run.
 
@@ -103,23 +100,26 @@ def train_stage1(
     the model runs under DistributedDataParallel, ``loader_factory`` must yield this
     rank's shard (every rank the same number of batches), epoch metrics are summed over
     ranks, and only rank 0 writes the checkpoint and the log.
+
+    ``device`` (default CPU; under torchrun with NCCL, this rank's GPU) is where the model
+    and the batches go: ``model`` is moved there and stays there. On CPU the run is exactly
+    the fp32 one; on CUDA the forward pass runs under bf16 autocast and the metrics stay on
+    the GPU until the epoch ends (a non-finite loss is caught within ``check_every`` steps).
     """
     ctx = dist or SINGLE
     log = ctx.log(log)
+    dev = training_device(device, ctx)
+    configure_backends(dev)
+    on_cpu = dev.type == "cpu"
+    model.to(dev)
     net = ctx.wrap(model)
-    decay, no_decay = [], []
-    for name, p in model.named_parameters():
-        (no_decay if p.dim() < 2 or "embed" in name or "token" in name else decay).append(p)
-    opt = torch.optim.AdamW(
-        [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-        lr=cfg.lr,
-    )
+    opt = make_optimizer(model, cfg.lr, cfg.weight_decay, dev)
     steps_per_epoch = len(loader_factory(0))
     if cfg.max_steps_per_epoch:
         steps_per_epoch = min(steps_per_epoch, cfg.max_steps_per_epoch)
     total = steps_per_epoch * cfg.epochs
     warmup = int(cfg.warmup_ratio * total)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: polynomial_decay(s, total, warmup, cfg.power))
+    sched = make_scheduler(opt, total, warmup, cfg.power)
 
     history: list[dict[str, float]] = []
     start_epoch = 0
@@ -150,26 +150,42 @@ def train_stage1(
         batches: Iterable = loader_factory(epoch)
         bar = tqdm(batches, total=steps_per_epoch, desc=f"stage 1 epoch {epoch + 1}/{cfg.epochs}",
                    leave=False, dynamic_ncols=True, disable=True if not ctx.is_main else None)
+        sums = torch.zeros(3, dtype=torch.float64, device=dev)  # loss·n, correct, n (accelerators only)
+        nonfinite = torch.zeros((), dtype=torch.bool, device=dev)
         for step, batch in enumerate(bar):
             if step >= steps_per_epoch:
                 break
-            logits = net(batch)
-            loss = nn.functional.cross_entropy(logits, batch["label"], ignore_index=-100)
-            if not torch.isfinite(loss):
-                raise FloatingPointError(f"stage 1: loss became {float(loss)} at epoch {epoch + 1} step {step}")
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            if cfg.grad_clip > 0:
-                nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-            opt.step()
-            sched.step()
+            if not on_cpu:
+                batch = to_device(batch, dev, non_blocking=True)
+            logits, loss = forward_loss(net, batch, dev)
+            if on_cpu:
+                if not torch.isfinite(loss):
+                    raise FloatingPointError(f"stage 1: loss became {float(loss)} at epoch {epoch + 1} step {step}")
+            else:
+                # No host sync per step: the check waits for the next ``check_every`` boundary.
+                nonfinite |= ~torch.isfinite(loss.detach())
+                if (step + 1) % check_every == 0 and bool(nonfinite):
+                    raise FloatingPointError(f"stage 1: loss became non-finite at epoch {epoch + 1} "
+                                             f"by step {step}")
+            optimizer_step(loss, model, opt, sched, cfg.grad_clip)
             valid = batch["label"] != -100
-            n = int(valid.sum())
-            total_loss += loss.item() * n
-            correct += int((logits.argmax(-1) == batch["label"])[valid].sum())
-            count += n
-            bar.set_postfix(loss=f"{total_loss / max(count, 1):.3f}", acc=f"{correct / max(count, 1):.3f}")
+            if on_cpu:
+                n = int(valid.sum())
+                total_loss += loss.item() * n
+                correct += int((logits.argmax(-1) == batch["label"])[valid].sum())
+                count += n
+                bar.set_postfix(loss=f"{total_loss / max(count, 1):.3f}", acc=f"{correct / max(count, 1):.3f}")
+            else:
+                n_valid = valid.sum()
+                sums += torch.stack([loss.detach().double() * n_valid,
+                                     ((logits.argmax(-1) == batch["label"]) & valid).sum().double(),
+                                     n_valid.double()])
         bar.close()
+        if not on_cpu:
+            if bool(nonfinite):
+                raise FloatingPointError(f"stage 1: loss became non-finite in epoch {epoch + 1}")
+            loss_sum, correct_sum, count_sum = sums.tolist()
+            total_loss, correct, count = loss_sum, int(correct_sum), int(count_sum)
         sums = ctx.all_reduce({"loss": total_loss, "correct": correct, "count": count})
         total_loss, correct, count = sums["loss"], int(sums["correct"]), int(sums["count"])
         record = {
@@ -182,7 +198,7 @@ def train_stage1(
         log(f"stage 1 epoch {epoch + 1}/{cfg.epochs}: loss {record['loss']:.4f} "
             f"train acc {record['train_accuracy']:.3f} ({record['seconds']:.1f} s)")
         if ctx.is_main:
-            tensors = {f"model.{k}": v.detach().contiguous() for k, v in model.state_dict().items()}
+            tensors = {f"model.{k}": v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
             tensors.update(_optimizer_tensors(opt))
             save_checkpoint(ckpt_dir, tensors, {
                 "kind": "stage1", "epoch": epoch + 1, "history": history, "config": cfg.to_dict(),

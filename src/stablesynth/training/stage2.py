@@ -2,6 +2,11 @@
 
 The loop owns the optimizer (AdamW, built once per run) and the batches; methods
 only say what their loss is (``Method.loss``) and what happens after a step.
+
+Every function takes a ``device`` (default CPU): the method is moved there (and stays),
+the cached features follow batch by batch, predictions come back on CPU. Stage 2 stays
+in fp32 on every device (its contrastive loss takes arccos of cosines). Batch order is
+drawn on CPU from the same generator, so a GPU run sees the CPU run's batches.
 """
 
 from __future__ import annotations
@@ -13,6 +18,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from stablesynth.accelerator import resolve_device, to_device
 from stablesynth.data.batch import FeatureBatch
 from stablesynth.methods.base import Method
 
@@ -48,9 +54,14 @@ def train_method(
     weight_decay: float,
     seed: int,
     desc: str | None = None,
+    device: torch.device | str = "cpu",
 ) -> dict[str, Any]:
     """Train ``method`` on ``data`` with AdamW; returns per-epoch mean logs and seconds."""
+    dev = resolve_device(device)
     torch.manual_seed(seed)
+    method.to(dev)
+    if dev.type != "cpu":
+        data = to_device(data, dev)
     params = list(method.trainable_parameters())
     history: list[dict[str, float]] = []
     t0 = time.perf_counter()
@@ -63,8 +74,8 @@ def train_method(
     for epoch in bar:
         sums: dict[str, float] = {}
         count = 0
-        for idx in paired_batches(data.category, batch_size, gen):
-            logs = method.update(data.index(idx), optimizer)
+        for idx in paired_batches(data.category.cpu(), batch_size, gen):
+            logs = method.update(data.index(idx.to(dev)), optimizer)
             for k, v in logs.items():
                 if v != v or v in (float("inf"), float("-inf")):
                     raise FloatingPointError(f"{method.name}: {k} became {v} at epoch {epoch + 1}")
@@ -79,24 +90,38 @@ def train_method(
 
 
 @torch.inference_mode()
-def predict_per_sample(method: Method, data: FeatureBatch, batch_size: int = 1024) -> torch.Tensor:
-    """Per-sample mode: each clip is predicted with Θ_d generated from its own uploaded frame."""
+def predict_per_sample(method: Method, data: FeatureBatch, batch_size: int = 1024,
+                       device: torch.device | str = "cpu") -> torch.Tensor:
+    """Per-sample mode: each clip is predicted with Θ_d generated from its own uploaded frame.
+
+    Runs on ``device`` (the method is moved there); the predictions are returned on CPU.
+    """
+    dev = resolve_device(device)
+    method.to(dev)
     method.eval()
     out = []
     for start in range(0, len(data), batch_size):
-        out.append(method(data.index(slice(start, start + batch_size))).argmax(-1))
+        chunk = data.index(slice(start, start + batch_size))
+        if dev.type != "cpu":
+            chunk = to_device(chunk, dev, non_blocking=True)
+        out.append(method(chunk).argmax(-1).cpu())
     return torch.cat(out) if out else torch.empty(0, dtype=torch.long)
 
 
 @torch.inference_mode()
-def predict_per_session(method: Method, data: FeatureBatch, session_upload: int = 0) -> torch.Tensor:
+def predict_per_session(method: Method, data: FeatureBatch, session_upload: int = 0,
+                        device: torch.device | str = "cpu") -> torch.Tensor:
     """Per-session mode: a device uploads one frame once and reuses Θ_d for all its clips.
 
     ``data`` holds one device's real-time clips in capture order; clip
-    ``session_upload`` supplies the single upload.
+    ``session_upload`` supplies the single upload. Runs on ``device``; returns CPU predictions.
     """
+    dev = resolve_device(device)
+    method.to(dev)
     method.eval()
+    if dev.type != "cpu":
+        data = to_device(data, dev)
     first = data.index(slice(session_upload, session_upload + 1))
     params = method.adapt(method.upload(first))
     shared = {k: v[0] for k, v in params.items()}
-    return method.predict(data.f_g, shared).argmax(-1)
+    return method.predict(data.f_g, shared).argmax(-1).cpu()

@@ -13,7 +13,8 @@ import yaml
 from stablesynth.cli import main
 from stablesynth.config import ConfigError
 from stablesynth.evaluation.report import load_results
-from stablesynth.training.realdata import accuracy_table, load_realdata_config
+from stablesynth.experiment.realdata.config import load_realdata_config
+from stablesynth.experiment.realdata.run import accuracy_table
 
 COLOURS = {"red": (230, 30, 30), "green": (30, 220, 40), "blue": (30, 40, 230)}
 

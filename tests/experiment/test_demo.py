@@ -8,7 +8,7 @@ import pytest
 from stablesynth.cli import main
 from stablesynth.config import ConfigError
 from stablesynth.evaluation.report import ResultsSchemaError, load_results, render_report, validate_results
-from stablesynth.pipeline import RunConfig, load_run_config
+from stablesynth.experiment.demo import RunConfig, load_run_config
 
 
 @pytest.fixture(scope="module")

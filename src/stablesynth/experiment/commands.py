@@ -1,8 +1,7 @@
-"""`stablesynth train` and `stablesynth eval`: the main job on the paper's real video datasets.
+"""`stablesynth demo`, `train` and `eval`: the main job, on the embedded benchmark or a real dataset.
 
 Open-ended QA (msrvtt-qa, msvd-qa, tgif-frameqa), multiple choice (msrvtt-mc) and
-retrieval (msrvtt-ret); see :mod:`stablesynth.training.realdata`.
-
+retrieval (msrvtt-ret) on the paper's datasets; see :mod:`stablesynth.experiment.realdata.run`.
 Under torchrun (``torchrun --nproc_per_node 2 -m stablesynth.cli train ...``) stage 1
 runs with DistributedDataParallel and the feature cache is split across the ranks.
 """
@@ -15,7 +14,24 @@ from pathlib import Path
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    from stablesynth.training.realdata import SUPPORTED_PRESETS
+    p = sub.add_parser(
+        "demo",
+        help="train every method on the embedded easy-VQA device benchmark and write the report",
+        description=(
+            "Runs stage 1 (encoder + head), caches per-frame features, trains every method in stage 2 "
+            "(F-linear, Fine-tuning, F-hyper, DUET, StableSynthNet), evaluates on every device's real-time "
+            "clips and writes results.json, report.md and PNG plots to --out. A second run with the same "
+            "--out reuses finished stages unless --fresh is given."
+        ),
+    )
+    p.add_argument("--out", type=Path, default=Path("runs/demo"), help="output folder (default: runs/demo)")
+    p.add_argument("--config", type=Path, default=None,
+                   help="a run config (YAML/TOML); default: the packaged demo config")
+    p.add_argument("--quick", action="store_true", help="a small config for smoke tests (about a minute)")
+    p.add_argument("--fresh", action="store_true", help="ignore finished stages in --out and redo everything")
+    p.add_argument("--seed", type=int, default=None, help="override the run seed (benchmark seed unchanged)")
+    p.set_defaults(func=_demo)
+    from stablesynth.experiment.realdata.config import SUPPORTED_PRESETS
 
     t = sub.add_parser(
         "train",
@@ -58,9 +74,22 @@ def register(sub: argparse._SubParsersAction) -> None:
     e.set_defaults(func=_eval)
 
 
+def _demo(args: argparse.Namespace) -> int:
+    from stablesynth.experiment.demo import load_run_config, run_pipeline
+
+    t0 = time.perf_counter()
+    cfg = load_run_config(args.config, quick=args.quick)
+    if args.seed is not None:
+        cfg = cfg.replace(seed=args.seed)
+    results = run_pipeline(cfg, args.out, reuse=not args.fresh)
+    print(f"demo finished in {time.perf_counter() - t0:.1f} s; report: {args.out / 'report.md'}")
+    return 0 if results else 1
+
+
 def _train(args: argparse.Namespace) -> int:
+    from stablesynth.experiment.realdata.config import load_realdata_config
+    from stablesynth.experiment.realdata.run import train_realdata
     from stablesynth.training.distributed import cleanup, init_distributed
-    from stablesynth.training.realdata import load_realdata_config, train_realdata
 
     t0 = time.perf_counter()
     cfg = load_realdata_config(args.preset, args.config, data_root=str(args.data_root),
@@ -77,7 +106,7 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _eval(args: argparse.Namespace) -> int:
-    from stablesynth.training.realdata import eval_realdata
+    from stablesynth.experiment.realdata.run import eval_realdata
 
     out = args.out or args.checkpoint_dir / "eval"
     eval_realdata(args.checkpoint_dir, out,

@@ -16,13 +16,9 @@ import yaml
 from stablesynth.cli import main
 from stablesynth.data.formats import RetrievalRecord
 from stablesynth.evaluation.report import load_results
-from stablesynth.training.realdata import (
-    RealDataRun,
-    accuracy_table,
-    all_pairs_items,
-    load_realdata_config,
-    negative_sampled_items,
-)
+from stablesynth.experiment.realdata.config import load_realdata_config
+from stablesynth.experiment.realdata.pairs import all_pairs_items, negative_sampled_items
+from stablesynth.experiment.realdata.run import VideoRun, accuracy_table
 
 COLOURS = {"red": (230, 30, 30), "green": (30, 220, 40), "blue": (30, 40, 230)}
 DISTRACTORS = ["a dog runs", "a man talks"]
@@ -190,7 +186,7 @@ def test_mc_train_from_file(tmp_path):
     root = make_msrvtt(tmp_path / "d", n_train=0, n_test=3, retrieval_files=False)
     cfg = load_realdata_config("msrvtt-mc", data_root=str(root), encoder="allinone-test",
                                train_from=str(root / "msrvtt_mc_test.jsonl"))
-    run = RealDataRun(cfg, tmp_path / "o", log=lambda _: None)
+    run = VideoRun(cfg, tmp_path / "o", log=lambda _: None)
     assert run.items == {"history": 3, "realtime": 3}
     assert len(run.train_dataset) == 15 and "msrvtt_mc_test.jsonl" in run.train_source
 

@@ -1,0 +1,191 @@
+"""The stages every run shares, over whatever data a task brings: stage 2, evaluation and costs.
+
+A :class:`Workspace` is composed into a run (the embedded benchmark's
+:class:`~stablesynth.experiment.demo.DemoRun` or the real datasets'
+:class:`~stablesynth.experiment.realdata.run.VideoRun`). The run fills ``rows`` (the
+feature caches) and ``stage1_info``; the workspace builds, trains or reloads every method,
+evaluates it per device and measures its costs. It asks each method's class what it needs
+to know (does it adapt, does stage 2 train it, does it read the untrained encoder).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from stablesynth.checkpoint import CheckpointError, load_module_state, read_manifest, save_module
+from stablesynth.data.batch import FeatureBatch
+from stablesynth.evaluation.cost import count_flops, count_parameters, payload_bytes, time_call
+from stablesynth.evaluation.metrics import accuracy_block, accuracy_by_device
+from stablesynth.methods import METHODS, Method, MethodConfig
+from stablesynth.models.device import dynamic_specs, total_numel
+from stablesynth.models.global_model import GlobalModel
+from stablesynth.presets import get_preset
+from stablesynth.training.features import to_feature_batch
+from stablesynth.training.stage2 import predict_per_sample, predict_per_session, train_method
+
+
+@dataclass
+class Workspace:
+    """One run's output folder and what its stages share.
+
+    ``method_config(name)`` gives a method's config; ``num_categories(kind)`` the size of a
+    category kind; ``method_class(name)`` the class to build (a task may wrap the registered one).
+    """
+
+    out: Path
+    seed: int
+    K: int
+    seen: set[int]
+    model: GlobalModel
+    initial: GlobalModel
+    method_config: Callable[[str], MethodConfig]
+    num_categories: Callable[[str], int]
+    answer_names: list[str]
+    paper_preset: str
+    eval_batch_size: int = 128
+    adapt_timing_repeats: int = 200
+    method_class: Callable[[str], type[Method]] = METHODS.get
+    #: Prefix of the model ids written into method checkpoints (the served model's name).
+    model_prefix: str = "easyvqa"
+    reuse: bool = True
+    #: With True (re-evaluation), a method without a matching checkpoint is an error, not a reason to train.
+    require_checkpoints: bool = False
+    log: Callable[[str], None] = print
+    rows: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)
+    stage1_info: dict[str, Any] = field(default_factory=dict)
+    timings: dict[str, float] = field(default_factory=dict)
+
+    # -- data --------------------------------------------------------------------------------
+
+    def feature_key(self, split: str, method: type[Method] | Method) -> str:
+        """The feature cache a method reads for ``split`` (the untrained encoder's for F-linear)."""
+        return f"init_{split}" if method.uses_untrained_encoder else split
+
+    def wants_untrained_features(self, names: list[str]) -> bool:
+        return any(self.method_class(n).uses_untrained_encoder for n in names)
+
+    def data(self, key: str, category: str = "answer", devices: str | None = None) -> FeatureBatch:
+        batch = to_feature_batch(self.rows[key], category)
+        if devices == "seen":
+            mask = torch.isin(batch.device, torch.tensor(sorted(self.seen)))
+            batch = batch.index(torch.nonzero(mask).flatten())
+        return batch
+
+    # -- methods -----------------------------------------------------------------------------
+
+    def build_method(self, name: str, num_classes: int | None = None,
+                     overrides: dict[str, Any] | None = None) -> Method:
+        """The method with this run's config; with ``num_classes=None`` it starts from the stage-1 head."""
+        mcfg = self.method_config(name)
+        if overrides:
+            mcfg = mcfg.replace(**overrides)
+        if mcfg.num_categories is None and mcfg.category != "answer":
+            mcfg = mcfg.replace(num_categories=self.num_categories(mcfg.category))
+        cls = self.method_class(name)
+        method = cls(mcfg, num_classes or self.K)
+        if num_classes is None:
+            src = self.initial if cls.uses_untrained_encoder else self.model
+            method.init_from_head(src.static, src.classifier.weight.detach(), src.classifier.bias.detach())
+        return method
+
+    def train_or_load(self, name: str) -> tuple[Method, float]:
+        """Stage 2 of one method, or its checkpoint when one made from the same stage 1 and config exists."""
+        method = self.build_method(name)
+        mcfg = method.cfg
+        ckpt = self.out / "methods" / name
+        stage1_sha = read_manifest(self.out / "stage1")["sha256"]
+        if (self.reuse or self.require_checkpoints) and (ckpt / "manifest.json").exists():
+            try:
+                manifest = read_manifest(ckpt)
+                if manifest.get("config") == mcfg.to_dict() and manifest.get("stage1_sha256") == stage1_sha:
+                    load_module_state(ckpt, method, expect_kind="method")
+                    self.log(f"stage 2 {name}: reusing {ckpt}")
+                    return method, float(manifest.get("train_seconds", 0.0))
+            except CheckpointError as exc:
+                if self.require_checkpoints:
+                    raise
+                self.log(f"stage 2 {name}: not reusing {ckpt} ({exc})")
+        if self.require_checkpoints:
+            raise CheckpointError(f"{ckpt}: no checkpoint of {name} made by this run's stage 1 and config")
+        if method.trains_in_stage2:
+            data = self.data(self.feature_key("history", method), mcfg.category, devices="seen")
+            info = train_method(method, data, mcfg.epochs, mcfg.batch_size, mcfg.lr, mcfg.weight_decay,
+                                seed=self.seed, desc=f"stage 2 {name}")
+            train_seconds = info["seconds"]
+            last = info["history"][-1] if info["history"] else {}
+            self.log(f"stage 2 {name}: {info['steps']} steps in {train_seconds:.1f} s; last epoch "
+                     + ", ".join(f"{k} {v:.3f}" for k, v in last.items() if k != "epoch"))
+        else:
+            train_seconds = float(self.stage1_info.get("seconds", 0.0))
+        save_module(ckpt, method, {
+            "kind": "method", "method": name, "config": mcfg.to_dict(), "num_classes": self.K,
+            "model_id": f"{self.model_prefix}-{name}", "model_version": stage1_sha[:12],
+            "stage1_sha256": stage1_sha, "train_seconds": train_seconds, "answers": self.answer_names,
+        })
+        return method, train_seconds
+
+    # -- evaluation --------------------------------------------------------------------------
+
+    def evaluate(self, method: Method, realtime: FeatureBatch) -> dict[str, Any]:
+        """Per-device accuracy per sample (every clip its own upload) and per session (one upload a device)."""
+        preds = predict_per_sample(method, realtime, self.eval_batch_size)
+        per_dev = accuracy_by_device(preds, realtime.label, realtime.device)
+        session_preds = torch.empty_like(realtime.label)
+        for d in realtime.device.unique().tolist():
+            idx = torch.nonzero(realtime.device == d).flatten()
+            session_preds[idx] = predict_per_session(method, realtime.index(idx))
+        per_dev_session = accuracy_by_device(session_preds, realtime.label, realtime.device)
+        return {"per_sample": accuracy_block(per_dev, self.seen),
+                "per_session": accuracy_block(per_dev_session, self.seen)}
+
+    def costs(self, name: str, method: Method, realtime: FeatureBatch) -> dict[str, Any]:
+        """Parameters, bytes up and down, cloud FLOPs (here and at the paper's K) and time to adapt."""
+        paper_K = get_preset(self.paper_preset).num_classes
+        one = realtime.index(slice(0, 1))
+        upload = method.upload(one)
+        theta = total_numel(dynamic_specs(self.K)) if method.adaptive else 0
+        out: dict[str, Any] = {
+            "params": {"cloud": count_parameters(method), "device_static": count_parameters(method.static)},
+            "bytes": {"up": int(upload.numel() * 4) if method.adaptive else 0,
+                      "down": {"fp32": payload_bytes(theta, "fp32"), "fp16": payload_bytes(theta, "fp16"),
+                               "int8": payload_bytes(theta, "int8", rows=self.K + 1) if theta else 0}},
+        }
+        if not method.adaptive:
+            out["flops"] = {"benchmark": 0, "paper": 0, "benchmark_K": self.K, "paper_K": paper_K}
+            out["adapt_ms"] = {"median": 0.0, "p90": 0.0, "repeats": 0}
+            return out
+        method.eval()
+        with torch.inference_mode():
+            driver = method.driver(upload)
+            factors = method.generator.factors(driver)
+            if method.generator.shared():
+                out["bytes"]["down"]["factors"] = int(sum(t.numel() for t in factors.values()) * 4)
+            out["bytes"]["down"]["driver"] = int(driver.numel() * 4)
+            out["flops"] = {"benchmark": count_flops(method.adapt, upload),
+                            "paper": self.paper_flops(name, upload, paper_K),
+                            "benchmark_K": self.K, "paper_K": paper_K}
+            f_g = one.f_g
+
+            def adapt_and_predict() -> torch.Tensor:
+                params = method.adapt(upload)
+                return method.predict(f_g, {k: v[0] for k, v in params.items()})
+
+            timing = time_call(adapt_and_predict, repeats=self.adapt_timing_repeats, warmup=10)
+        out["adapt_ms"] = {"median": timing["median_ms"], "p90": timing["p90_ms"], "repeats": timing["repeats"]}
+        return out
+
+    def paper_flops(self, name: str, upload: torch.Tensor, paper_K: int) -> int:
+        """Cloud-step FLOPs of the same method at the paper's label count (untrained weights suffice)."""
+        big = self.build_method(name, num_classes=paper_K)
+        big.prepare_cost_count()
+        big.eval()
+        return count_flops(big.adapt, upload)
+
+    def timed(self, key: str, t0: float) -> None:
+        self.timings[key] = time.perf_counter() - t0

@@ -1,0 +1,186 @@
+"""Dynamic batching of adapt requests, with per-request isolation.
+
+Concurrent requests for one model are gathered into one batched model call (see
+:class:`Batcher`). Each request gets its own outcome: an upload whose output cannot be sent
+(not finite, beyond the encoding's range) gets an :class:`OutputError` (a 422 for its client)
+while the frames of the other uploads in the same batch are delivered as usual.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from prometheus_client import Histogram
+
+from stablesynth.serving import protocol
+from stablesynth.serving.model import CloudModel
+
+
+class OutputError(ValueError):
+    """This one upload's output cannot be sent (NaN/Inf, out of the encoding's range)."""
+
+
+class ShutdownError(RuntimeError):
+    """The batcher was stopped; the request was not computed."""
+
+
+@dataclass
+class _Pending:
+    upload: torch.Tensor
+    encoding: str
+    future: asyncio.Future[memoryview]
+
+
+class Batcher:
+    """Gathers concurrent requests of one model into batched ``compute`` calls.
+
+    Nothing waits for company by default: a request is dispatched as soon as the event
+    loop has run the handlers that were already runnable, and everything queued by then
+    (up to ``max_batch``) goes into the same call. While a call runs, new requests queue up
+    and form the next batch, so batches grow with the load by themselves. ``max_wait_ms``
+    > 0 restores a fixed gathering window after the first request.
+
+    Calls whose expected cost (a running mean of seconds per upload, per encoding, times
+    the batch size) is below ``inline_ms`` run on the event loop itself: a sub-millisecond
+    model call is cheaper than the two thread hand-offs around it. Larger calls run in the
+    single worker thread, where PyTorch and hashing release the GIL and the loop keeps
+    reading requests.
+    """
+
+    def __init__(self, model: CloudModel, max_batch: int, max_wait_ms: float, executor: ThreadPoolExecutor,
+                 batch_hist: Histogram, inline_ms: float = 1.0) -> None:
+        self.model = model
+        self.max_batch = max_batch
+        self.max_wait = max_wait_ms / 1000.0
+        self.executor = executor
+        self.batch_hist = batch_hist
+        self.inline_s = inline_ms / 1000.0
+        self.pending: collections.deque[_Pending] = collections.deque()
+        self.cost: dict[str, float] = {}  # running mean of seconds per upload, by encoding
+        self.scheduled = False
+        self.busy = False
+        self.closed = False
+        self.loop: asyncio.AbstractEventLoop | None = None
+
+    def start(self) -> None:
+        self.loop = asyncio.get_running_loop()
+        self.closed = False
+
+    async def stop(self) -> None:
+        self.closed = True
+        while self.pending:
+            p = self.pending.popleft()
+            if not p.future.done():
+                p.future.set_exception(ShutdownError("server shutting down"))
+
+    async def submit(self, upload: torch.Tensor, encoding: str) -> memoryview:
+        loop = self.loop or asyncio.get_running_loop()
+        if self.closed:
+            raise ShutdownError("server shutting down")
+        fut: asyncio.Future[memoryview] = loop.create_future()
+        self.pending.append(_Pending(upload, encoding, fut))
+        self._schedule(loop)
+        return await fut
+
+    def _schedule(self, loop: asyncio.AbstractEventLoop) -> None:
+        if self.scheduled or self.busy or not self.pending:
+            return
+        self.scheduled = True
+        if self.max_wait > 0 and len(self.pending) < self.max_batch:
+            loop.call_later(self.max_wait, self._dispatch)
+        else:
+            # After the callbacks already queued (other requests' handlers): they join this batch.
+            loop.call_soon(self._dispatch)
+
+    def _take(self) -> list[_Pending]:
+        batch: list[_Pending] = []
+        while self.pending and len(batch) < self.max_batch:
+            p = self.pending.popleft()
+            if not p.future.done():  # the client went away
+                batch.append(p)
+        return batch
+
+    def _dispatch(self) -> None:
+        self.scheduled = False
+        loop = self.loop or asyncio.get_event_loop()
+        batch = self._take()
+        if not batch:
+            return
+        self.batch_hist.observe(len(batch))
+        expected = sum(self.cost.get(p.encoding, 0.0) for p in batch)
+        if expected < self.inline_s:
+            try:
+                frames = self._work(batch)
+            except Exception as exc:  # every waiter must hear about it
+                _fail(batch, exc)
+            else:
+                _deliver(batch, frames)
+            self._schedule(loop)
+            return
+        self.busy = True
+        cf = self.executor.submit(self._work, batch)
+
+        def done(f: Any) -> None:
+            self.busy = False
+            exc = f.exception()
+            if exc is not None:
+                _fail(batch, exc)
+            else:
+                _deliver(batch, f.result())
+            self._schedule(loop)
+
+        def hand_back(f: Any) -> None:
+            with contextlib.suppress(RuntimeError):  # the loop closed during shutdown
+                loop.call_soon_threadsafe(done, f)
+
+        cf.add_done_callback(hand_back)
+
+    def _work(self, batch: list[_Pending]) -> list[memoryview | Exception]:
+        """Frames (or the error of that one upload) for a batch, one model call per encoding."""
+        out: list[memoryview | Exception] = [memoryview(b"")] * len(batch)
+        by_encoding: dict[str, list[int]] = {}
+        for i, p in enumerate(batch):
+            by_encoding.setdefault(p.encoding, []).append(i)
+        for encoding, idx in by_encoding.items():
+            t0 = time.perf_counter()
+            for i, frame in zip(idx, self._frames([batch[i].upload for i in idx], encoding)):
+                out[i] = frame
+            per_upload = (time.perf_counter() - t0) / len(idx)
+            old = self.cost.get(encoding)
+            self.cost[encoding] = per_upload if old is None else 0.8 * old + 0.2 * per_upload
+        return out
+
+
+    def _frames(self, uploads: list[torch.Tensor], encoding: str) -> list[memoryview | Exception]:
+        """One frame or :class:`OutputError` per upload. If the batched call fails as a whole,
+        each upload is computed alone, so one bad upload never fails its batch-mates."""
+        try:
+            tensors = self.model.compute_batch(torch.stack(uploads), encoding)
+        except (ValueError, RuntimeError, FloatingPointError) as exc:
+            if len(uploads) == 1:
+                return [OutputError(f"the model cannot adapt to this upload: {exc}")]
+            return [f for u in uploads for f in self._frames([u], encoding)]
+        frames = protocol.encode_batch(tensors, encoding, self.model.model_id, self.model.version)
+        return [OutputError(str(f)) if isinstance(f, ValueError) else f for f in frames]
+
+
+def _deliver(batch: list[_Pending], frames: list[memoryview | Exception]) -> None:
+    for p, frame in zip(batch, frames):
+        if not p.future.done():
+            if isinstance(frame, Exception):
+                p.future.set_exception(frame)
+            else:
+                p.future.set_result(frame)
+
+
+def _fail(batch: list[_Pending], exc: BaseException) -> None:
+    for p in batch:
+        if not p.future.done():
+            p.future.set_exception(exc)

@@ -1,0 +1,143 @@
+"""Connection hygiene in the server itself: header cap, read timeouts, load shedding.
+
+uvicorn's httptools protocol bounds the keep-alive idle time and (``limit_concurrency``)
+answers 503 once too many connections or requests are open, but it holds a connection that
+never finishes its headers or its body forever, and buffers headers of any size.
+:class:`GuardedHttpProtocol` adds, per connection:
+
+- the request head (request line + headers) must arrive within ``header_timeout`` seconds of
+  the connection opening or of the first byte after an idle keep-alive period, and may not
+  exceed ``max_header_bytes`` (431, connection closed; memory held is bounded by the cap
+  plus one socket read);
+- the body must arrive within ``body_timeout`` seconds of the end of the head;
+- otherwise the connection is closed (the app sees a disconnect).
+
+All of this happens before the app runs, so before the bearer token is checked.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from dataclasses import dataclass
+from typing import Any
+
+import httptools
+import uvicorn
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+
+
+@dataclass(frozen=True)
+class ServeLimits:
+    """Per-process connection limits (defaults suit a service behind a reverse proxy or not)."""
+
+    max_header_bytes: int = 16 * 1024
+    header_timeout: float = 10.0
+    body_timeout: float = 10.0
+    keep_alive_timeout: int = 5
+    #: Open connections or running requests beyond which new requests get 503 (load shedding).
+    limit_concurrency: int = 1024
+    backlog: int = 1024
+
+    def __post_init__(self) -> None:
+        if self.max_header_bytes < 1024 or min(self.header_timeout, self.body_timeout) <= 0 \
+                or self.keep_alive_timeout < 1 or self.limit_concurrency < 1:
+            raise ValueError(f"invalid serving limits: {self}")
+
+
+class GuardedConfig(uvicorn.Config):
+    """uvicorn's Config plus :class:`ServeLimits` (picklable, so worker processes get it too)."""
+
+    def __init__(self, app: Any, limits: ServeLimits | None = None, **kwargs: Any) -> None:
+        self.limits = limits or ServeLimits()
+        kwargs.setdefault("http", GuardedHttpProtocol)
+        kwargs.setdefault("timeout_keep_alive", self.limits.keep_alive_timeout)
+        kwargs.setdefault("limit_concurrency", self.limits.limit_concurrency)
+        kwargs.setdefault("backlog", self.limits.backlog)
+        super().__init__(app, **kwargs)
+
+
+def _error_response(status: int, reason: str, code: str, detail: str) -> bytes:
+    body = json.dumps({"error": code, "detail": detail}).encode()
+    return (f"HTTP/1.1 {status} {reason}\r\ncontent-type: application/json\r\n"
+            f"content-length: {len(body)}\r\nconnection: close\r\n\r\n").encode("latin-1") + body
+
+
+class GuardedHttpProtocol(HttpToolsProtocol):
+    """uvicorn's httptools protocol with a header cap and head/body read deadlines."""
+
+    def __init__(self, config: uvicorn.Config, *args: Any, **kwargs: Any) -> None:
+        super().__init__(config, *args, **kwargs)
+        self.limits: ServeLimits = getattr(config, "limits", None) or ServeLimits()
+        self._timer: asyncio.TimerHandle | None = None
+        self._in_head = True
+        self._head_bytes = 0
+        self._rejected = False
+
+    # -- deadlines
+    def _arm(self, seconds: float) -> None:
+        self._disarm()
+        self._timer = self.loop.call_later(seconds, self._expire)
+
+    def _disarm(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+    def _expire(self) -> None:
+        self._timer = None
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.close()
+
+    def _reject(self, status: int, reason: str, code: str, detail: str) -> None:
+        self._rejected = True
+        self._disarm()
+        if not self.transport.is_closing():
+            self.transport.write(_error_response(status, reason, code, detail))
+            self.transport.close()
+
+    # -- asyncio.Protocol
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        self._arm(self.limits.header_timeout)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._disarm()
+        super().connection_lost(exc)
+
+    def data_received(self, data: bytes) -> None:
+        if self._rejected:
+            return
+        self._unset_keepalive_if_required()
+        if self._in_head:
+            if self._timer is None:  # first bytes after an idle keep-alive period
+                self._arm(self.limits.header_timeout)
+            self._head_bytes += len(data)
+        try:
+            self.parser.feed_data(data)
+        except httptools.HttpParserUpgrade:
+            self._reject(400, "Bad Request", "bad_request", "protocol upgrades are not supported")
+        except httptools.HttpParserError:
+            if not self._rejected:
+                self._reject(400, "Bad Request", "bad_request", "invalid HTTP request")
+            return
+        if self._in_head and self._head_bytes > self.limits.max_header_bytes:
+            self._reject(431, "Request Header Fields Too Large", "headers_too_large",
+                         f"request head exceeds {self.limits.max_header_bytes} bytes")
+
+    # -- parser callbacks
+    def on_headers_complete(self) -> None:
+        size = len(self.url) + sum(len(n) + len(v) + 4 for n, v in self.headers)
+        if size > self.limits.max_header_bytes:
+            self._reject(431, "Request Header Fields Too Large", "headers_too_large",
+                         f"request head exceeds {self.limits.max_header_bytes} bytes")
+            raise ValueError("request head too large")  # stops the parser
+        self._in_head = False
+        self._arm(self.limits.body_timeout)
+        super().on_headers_complete()
+
+    def on_message_complete(self) -> None:
+        self._disarm()
+        self._in_head = True
+        self._head_bytes = 0
+        super().on_message_complete()

@@ -1,0 +1,125 @@
+"""What the cloud serves: a method under a model id and version, and its checkpoints.
+
+A method checkpoint (``kind="method"``, see :mod:`stablesynth.checkpoint`) holds the method's
+state dict plus how to rebuild it (registry name, config, K). Loading validates the manifest
+field by field, the weights' checksum and finiteness, and derives ``model_version`` from the
+weights and config, so the version a device pins identifies exactly what it gets.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from stablesynth import checkpoint
+from stablesynth.checkpoint import METHOD_KIND, CheckpointError, check_safe_name
+from stablesynth.methods import build_method
+from stablesynth.methods.base import Method
+from stablesynth.serving.protocol import ENCODINGS, PARAM_ENCODINGS
+
+
+@dataclass
+class CloudModel:
+    """A method served under ``model_id``/``version``; ``num_classes`` is K of its Θ_d."""
+
+    method: Method
+    model_id: str
+    version: str
+    num_classes: int
+    #: How to rebuild the method elsewhere (device bundle): registry name, config dict.
+    method_name: str = ""
+    method_config: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        check_safe_name(self.model_id, "model id")
+        check_safe_name(self.version, "model version")
+        self.method.eval()
+        if not self.method_name:
+            self.method_name = getattr(self.method, "name", type(self.method).__name__)
+
+    @property
+    def device(self) -> torch.device:
+        p = next(iter(self.method.parameters()), None)
+        return p.device if p is not None else torch.device("cpu")
+
+    @property
+    def encodings(self) -> tuple[str, ...]:
+        if getattr(self.method, "generator", None) is None:
+            return PARAM_ENCODINGS
+        return ENCODINGS
+
+    def compute(self, uploads: torch.Tensor, encoding: str) -> list[dict[str, torch.Tensor]]:
+        """What to send for each upload in ``encoding`` (one method call for the whole batch)."""
+        out = self.compute_batch(uploads, encoding)
+        return [{k: v[i] for k, v in out.items()} for i in range(uploads.shape[0])]
+
+    def compute_batch(self, uploads: torch.Tensor, encoding: str) -> dict[str, torch.Tensor]:
+        """:meth:`compute` as batched tensors ``{name: [B, *shape]}`` (on the model's device)."""
+        device = self.device
+        if uploads.device != device:
+            uploads = uploads.to(device)
+        with torch.inference_mode():
+            if encoding in PARAM_ENCODINGS:
+                out = self.method.adapt(uploads)
+            elif encoding == "factors":
+                out = self.method.generator.factors(self.method.driver(uploads))
+            elif encoding == "driver":
+                out = {"driver": self.method.driver(uploads)}
+            else:
+                raise ValueError(f"unknown encoding {encoding!r}")
+        return out
+
+    def describe(self) -> dict[str, Any]:
+        gen = getattr(self.method, "generator", None)
+        return {"id": self.model_id, "version": self.version, "num_classes": self.num_classes,
+                "method": self.method_name, "generator": type(gen).__name__ if gen is not None else None,
+                "encodings": list(self.encodings)}
+
+
+def save_cloud_model(directory: str | Path, method: Method, model_id: str,
+                     method_config: Mapping[str, Any] | None = None,
+                     num_classes: int | None = None) -> Path:
+    """Write a servable checkpoint of ``method``: its state dict plus how to rebuild it.
+
+    ``method_config``/``num_classes`` default to the method's ``cfg``/``num_classes`` attributes.
+    The checkpoint's ``model_version`` is computed from the weights and config.
+    """
+    check_safe_name(model_id, "model id")
+    cfg_obj = getattr(method, "cfg", None)
+    if method_config is None:
+        if cfg_obj is None:
+            raise ValueError("pass method_config: the method has no cfg attribute")
+        method_config = cfg_obj.to_dict()
+    k = num_classes if num_classes is not None else getattr(method, "num_classes", None)
+    if k is None:
+        raise ValueError("pass num_classes: the method has no num_classes attribute")
+    manifest = {"method": method.name, "config": dict(method_config), "num_classes": int(k),
+                "model_id": model_id}
+    return checkpoint.save_module(directory, method, manifest, kind=METHOD_KIND)
+
+
+def load_cloud_model(checkpoint_dir: str | Path, model_id: str | None = None, version: str | None = None,
+                     device: torch.device | str | None = None) -> CloudModel:
+    """Build the method named in the checkpoint manifest, load its verified weights (on the CPU),
+    then move it to ``device``.
+
+    The model id defaults to the manifest's ``model_id`` (else the directory name) and the
+    version to the hash of weights and config (:func:`stablesynth.checkpoint.model_version`).
+    """
+    directory = Path(checkpoint_dir)
+    manifest = checkpoint.read_method_manifest(directory)
+    try:
+        method = build_method(manifest.method, manifest.num_classes, manifest.config)
+    except (ValueError, TypeError, KeyError) as exc:
+        raise CheckpointError(f"checkpoint {directory}: manifest field 'config' does not build method "
+                              f"{manifest.method!r}: {exc}") from None
+    checkpoint.load_module_state(directory, method)
+    mid = check_safe_name(model_id or manifest.model_id or directory.name, "model id")
+    ver = check_safe_name(version or str(manifest.model_version), "model version")
+    if device is not None:
+        method.to(device)
+    return CloudModel(method, mid, ver, manifest.num_classes, manifest.method, dict(manifest.config))
