@@ -11,6 +11,8 @@ import importlib
 import os
 import sys
 
+from stablesynth.commandline import run_parsed
+
 # Nothing in this project may reach a model hub; tokenizers and weights load from local paths.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -41,22 +43,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    if not getattr(args, "func", None):
-        parser.print_help()
-        return 2
-    try:
-        return int(args.func(args) or 0)
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
-    except (ValueError, FileNotFoundError, KeyError) as exc:
-        # Bad input (config, checkpoint, preset, file) is the user's to fix: one clear line, no traceback.
-        if os.environ.get("STABLESYNTH_DEBUG"):
-            raise
-        print(f"stablesynth: error: {exc}", file=sys.stderr)
-        return 2
+    return run_parsed(build_parser(), argv)
 
 
 if __name__ == "__main__":

@@ -3,7 +3,7 @@ import json
 import pytest
 
 from stablesynth.evaluation.cost import transfer_ms
-from stablesynth.evaluation.payload import format_payload_table, payload_main, payload_table
+from stablesynth.models.payload import format_payload_table, payload_main, payload_table
 from stablesynth.presets import get_preset
 from stablesynth.registry import UnknownNameError
 

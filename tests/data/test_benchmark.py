@@ -3,14 +3,9 @@ import pytest
 import torch
 
 from stablesynth.config import ConfigError
-from stablesynth.data.benchmark import (
-    BATCH_KEYS,
-    FRAME_MEAN,
-    FRAME_STD,
-    BenchmarkConfig,
-    DeviceBenchmark,
-    make_loader,
-)
+from stablesynth.data.benchmark import BATCH_KEYS, FRAME_MEAN, FRAME_STD, DeviceBenchmark
+from stablesynth.data.benchmark_config import BenchmarkConfig
+from stablesynth.data.clip_loader import make_loader
 from stablesynth.data.devices import CaptureProfile, capture_clips
 from stablesynth.data.easyvqa import load_easyvqa
 

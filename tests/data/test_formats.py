@@ -1,28 +1,14 @@
 import json
-from pathlib import Path
 
 import pytest
 
-from stablesynth.data.formats import (
-    IGNORE_LABEL,
-    AnswerVocab,
-    DatasetFormatError,
-    read_jsonl,
-    read_msrvtt_mc,
-    read_msrvtt_qa,
-    read_msrvtt_retrieval,
-    read_msvd_qa,
-    read_qa,
-    read_tgif_frameqa,
-)
+from stablesynth.data.annotation_files import DatasetFormatError, read_jsonl
+from stablesynth.data.annotation_records import IGNORE_LABEL, AnswerVocab
+from stablesynth.data.msrvtt_formats import read_msrvtt_mc, read_msrvtt_retrieval
+from stablesynth.data.qa_formats import read_msrvtt_qa, read_msvd_qa, read_qa, read_tgif_frameqa
 
 
-def write_jsonl(path: Path, rows: list[dict]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-
-
-def test_msrvtt_qa_with_ans2label_and_categories(tmp_path):
+def test_msrvtt_qa_with_ans2label_and_categories(tmp_path, write_jsonl):
     write_jsonl(tmp_path / "msrvtt_qa_test.jsonl", [
         {"question": "what is shown?", "answer": "cat", "video_id": "video7010"},
         {"question": "who sings?", "answer": "unicorn", "video_id": "video7011"},
@@ -40,7 +26,7 @@ def test_msrvtt_qa_with_ans2label_and_categories(tmp_path):
     assert qa.num_out_of_vocab == 1
 
 
-def test_msrvtt_qa_builds_vocab_from_train(tmp_path):
+def test_msrvtt_qa_builds_vocab_from_train(tmp_path, write_jsonl):
     answers = ["man"] * 3 + ["woman"] * 2 + ["dog", "cat"]
     write_jsonl(tmp_path / "msrvtt_qa_train.jsonl",
                 [{"question": "q", "answer": a, "video_id": "video1"} for a in answers])
@@ -70,7 +56,7 @@ def test_missing_file_and_bad_split(tmp_path):
         read_qa("nope", tmp_path, "test")
 
 
-def test_vocab_larger_than_k_is_an_error(tmp_path):
+def test_vocab_larger_than_k_is_an_error(tmp_path, write_jsonl):
     write_jsonl(tmp_path / "msrvtt_qa_test.jsonl", [{"question": "q", "answer": "a", "video_id": "v"}])
     (tmp_path / "msrvtt_train_ans2label.json").write_text(json.dumps({"a": 0, "b": 1, "c": 2}))
     with pytest.raises(DatasetFormatError, match="num_classes = 2"):
@@ -80,7 +66,7 @@ def test_vocab_larger_than_k_is_an_error(tmp_path):
         read_msrvtt_qa(tmp_path, "test")
 
 
-def test_msvd_qa_mapping_and_answer_set(tmp_path):
+def test_msvd_qa_mapping_and_answer_set(tmp_path, write_jsonl):
     write_jsonl(tmp_path / "msvd_test_qa_encode.json", [
         {"question": "what is the man doing?", "answer": "play", "video_id": 2},
         {"question": "who cooks?", "answer": "woman", "video_id": 1},
@@ -118,14 +104,14 @@ def test_tgif_tsv_reads_header(tmp_path):
         read_tgif_frameqa(tmp_path, "test")
 
 
-def test_tgif_jsonl_preferred(tmp_path):
+def test_tgif_jsonl_preferred(tmp_path, write_jsonl):
     write_jsonl(tmp_path / "frameqa_test.jsonl", [{"gif_name": "g1", "question": "q", "answer": "red"}])
     write_jsonl(tmp_path / "frameqa_train.jsonl", [{"gif_name": "g0", "question": "q", "answer": "red"}])
     qa = read_tgif_frameqa(tmp_path, "test")
     assert qa.records[0].label == 0 and qa.records[0].question_type == 0
 
 
-def test_msrvtt_mc(tmp_path):
+def test_msrvtt_mc(tmp_path, write_jsonl):
     write_jsonl(tmp_path / "msrvtt_mc_test.jsonl", [
         {"clip_name": "video7010", "options": ["a", "b", "c", "d", "e"], "answer": 3},
     ])

@@ -1,12 +1,11 @@
 from pathlib import Path
 
-import av
 import numpy as np
 import pytest
 import torch
 
 from stablesynth.config import ConfigError
-from stablesynth.data.formats import MCRecord, QARecord
+from stablesynth.data.annotation_records import MCRecord, QARecord
 from stablesynth.data.video import (
     DEIT_MEAN,
     DEIT_STD,
@@ -31,30 +30,8 @@ from stablesynth.presets import get_preset
 COLOURS = np.array([[255, 0, 0], [0, 255, 0], [0, 0, 255], [255, 255, 255]], dtype=np.uint8)
 
 
-def _encoder(names):
-    for name in names:
-        try:
-            av.codec.Codec(name, "w")
-            return name
-        except Exception:  # codec not built into this PyAV
-            continue
-    pytest.skip(f"none of {names} available in this PyAV build")
-
-
-def write_clip(path: Path, codec_names, pix_fmt: str, size: int = 32) -> Path:
-    codec = _encoder(codec_names)
-    with av.open(str(path), "w") as out:
-        stream = out.add_stream(codec, rate=4)
-        stream.width = stream.height = size
-        stream.pix_fmt = pix_fmt
-        for colour in COLOURS:
-            img = np.broadcast_to(colour, (size, size, 3)).copy()
-            frame = av.VideoFrame.from_ndarray(img, format="rgb24")
-            for packet in stream.encode(frame):
-                out.mux(packet)
-        for packet in stream.encode():
-            out.mux(packet)
-    return path
+def write_clip(path: Path, write_frames, codec: str, pix_fmt: str, size: int = 32) -> Path:
+    return write_frames(path, [np.broadcast_to(c, (size, size, 3)).copy() for c in COLOURS], codec, pix_fmt)
 
 
 def mean_colours(frames: np.ndarray) -> np.ndarray:
@@ -67,13 +44,13 @@ def assert_colour_order(frames: np.ndarray, expected_idx: list[int], tol: float 
 
 
 @pytest.fixture(scope="module")
-def clips(tmp_path_factory):
+def clips(tmp_path_factory, pick_codec, write_frames):
     d = tmp_path_factory.mktemp("clips")
     return {
-        "mp4": write_clip(d / "c.mp4", ["libx264", "h264", "mpeg4"], "yuv420p"),
-        "avi": write_clip(d / "c.avi", ["mpeg4", "mjpeg"], "yuv420p"),
-        "gif": write_clip(d / "c.gif", ["gif"], "rgb8"),
-        "webm": write_clip(d / "c.webm", ["libvpx-vp9", "libvpx"], "yuv420p"),
+        "mp4": write_clip(d / "c.mp4", write_frames, pick_codec(["libx264", "h264", "mpeg4"]), "yuv420p"),
+        "avi": write_clip(d / "c.avi", write_frames, pick_codec(["mpeg4", "mjpeg"]), "yuv420p"),
+        "gif": write_clip(d / "c.gif", write_frames, pick_codec(["gif"]), "rgb8"),
+        "webm": write_clip(d / "c.webm", write_frames, pick_codec(["libvpx-vp9", "libvpx"]), "yuv420p"),
     }
 
 

@@ -5,8 +5,6 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import av
-import numpy as np
 import pytest
 import yaml
 
@@ -19,33 +17,7 @@ from stablesynth.experiment.realdata.run import accuracy_table
 COLOURS = {"red": (230, 30, 30), "green": (30, 220, 40), "blue": (30, 40, 230)}
 
 
-def write_video(path: Path, rgb: tuple[int, int, int], seed: int, size: int = 24, frames: int = 4) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(seed)
-    codec = next((c for c in ("mpeg4", "libx264", "h264") if _has(c)), None)
-    if codec is None:
-        pytest.skip("no mp4 encoder in this PyAV build")
-    with av.open(str(path), "w") as out:
-        stream = out.add_stream(codec, rate=4)
-        stream.width = stream.height = size
-        stream.pix_fmt = "yuv420p"
-        for _ in range(frames):
-            img = np.clip(np.array(rgb) + rng.integers(-20, 20, (size, size, 3)), 0, 255).astype(np.uint8)
-            for packet in stream.encode(av.VideoFrame.from_ndarray(img, format="rgb24")):
-                out.mux(packet)
-        for packet in stream.encode():
-            out.mux(packet)
-
-
-def _has(codec: str) -> bool:
-    try:
-        av.codec.Codec(codec, "w")
-        return True
-    except Exception:  # codec not built into this PyAV
-        return False
-
-
-def make_msrvtt_qa(root: Path, n_train: int = 12, n_test: int = 6) -> Path:
+def make_msrvtt_qa(root: Path, write_video, write_jsonl, n_train: int = 12, n_test: int = 6) -> Path:
     names = list(COLOURS)
     videos, rows = [], {"train": [], "test": []}
     for split, n, offset in (("train", n_train, 0), ("test", n_test, 1000)):
@@ -58,7 +30,7 @@ def make_msrvtt_qa(root: Path, n_train: int = 12, n_test: int = 6) -> Path:
             answer = names[(i + 1) % len(names)] if split == "test" and i % 4 == 3 else colour
             rows[split].append({"question": "what colour is the video?", "answer": answer, "video_id": vid})
     for split, items in rows.items():
-        (root / f"msrvtt_qa_{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in items))
+        write_jsonl(root / f"msrvtt_qa_{split}.jsonl", items)
     (root / "msrvtt_train_ans2label.json").write_text(json.dumps({n: i for i, n in enumerate(names)}))
     (root / "annotation").mkdir(exist_ok=True)
     (root / "annotation" / "MSR_VTT.json").write_text(json.dumps({"videos": videos, "annotations": []}))
@@ -77,9 +49,9 @@ SMALL = {
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory):
+def trained(tmp_path_factory, write_video, write_jsonl):
     base = tmp_path_factory.mktemp("msrvtt")
-    data = make_msrvtt_qa(base / "data")
+    data = make_msrvtt_qa(base / "data", write_video, write_jsonl)
     cfg = base / "small.yaml"
     cfg.write_text(yaml.safe_dump(SMALL))
     out = base / "run"

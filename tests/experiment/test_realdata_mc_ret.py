@@ -7,14 +7,13 @@ import dataclasses
 import json
 from pathlib import Path
 
-import av
 import numpy as np
 import pytest
 import torch
 import yaml
 
 from stablesynth.cli import main
-from stablesynth.data.formats import RetrievalRecord
+from stablesynth.data.annotation_records import RetrievalRecord
 from stablesynth.evaluation.report import load_results
 from stablesynth.experiment.realdata.config import load_realdata_config
 from stablesynth.experiment.realdata.pairs import all_pairs_items, negative_sampled_items
@@ -24,33 +23,8 @@ COLOURS = {"red": (230, 30, 30), "green": (30, 220, 40), "blue": (30, 40, 230)}
 DISTRACTORS = ["a dog runs", "a man talks"]
 
 
-def write_video(path: Path, rgb: tuple[int, int, int], seed: int, size: int = 16, frames: int = 3) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(seed)
-    codec = next((c for c in ("mpeg4", "libx264", "h264") if _has(c)), None)
-    if codec is None:
-        pytest.skip("no mp4 encoder in this PyAV build")
-    with av.open(str(path), "w") as out:
-        stream = out.add_stream(codec, rate=4)
-        stream.width = stream.height = size
-        stream.pix_fmt = "yuv420p"
-        for _ in range(frames):
-            img = np.clip(np.array(rgb) + rng.integers(-20, 20, (size, size, 3)), 0, 255).astype(np.uint8)
-            for packet in stream.encode(av.VideoFrame.from_ndarray(img, format="rgb24")):
-                out.mux(packet)
-        for packet in stream.encode():
-            out.mux(packet)
-
-
-def _has(codec: str) -> bool:
-    try:
-        av.codec.Codec(codec, "w")
-        return True
-    except Exception:  # codec not built into this PyAV
-        return False
-
-
-def make_msrvtt(root: Path, n_train: int = 6, n_test: int = 6, retrieval_files: bool = True) -> Path:
+def make_msrvtt(root: Path, write_video, write_jsonl, n_train: int = 6, n_test: int = 6,
+                retrieval_files: bool = True) -> Path:
     """MSRVTT retrieval (MSR_VTT.json, train/val JSFusion lists) and MSRVTT-MC test items, same videos."""
     names = list(COLOURS)
     videos, anns, lists, mc = [], [], {"train": [], "test": []}, []
@@ -58,7 +32,8 @@ def make_msrvtt(root: Path, n_train: int = 6, n_test: int = 6, retrieval_files: 
         for i in range(n):
             vid = f"video{offset + i}"
             colour = names[i % len(names)]
-            write_video(root / "videos" / "all" / f"{vid}.mp4", COLOURS[colour], seed=offset + i)
+            write_video(root / "videos" / "all" / f"{vid}.mp4", COLOURS[colour], seed=offset + i, size=16,
+                        frames=3)
             videos.append({"video_id": vid, "category": i % 2})
             anns.append({"image_id": vid, "caption": f"a {colour} video"})
             if split == "train":
@@ -77,7 +52,7 @@ def make_msrvtt(root: Path, n_train: int = 6, n_test: int = 6, retrieval_files: 
     if retrieval_files:
         (root / "train_list_jsfusion.txt").write_text("\n".join(lists["train"]) + "\n")
         (root / "val_list_jsfusion.txt").write_text("\n".join(lists["test"]) + "\n")
-    (root / "msrvtt_mc_test.jsonl").write_text("".join(json.dumps(r) + "\n" for r in mc))
+    write_jsonl(root / "msrvtt_mc_test.jsonl", mc)
     return root
 
 
@@ -93,8 +68,8 @@ SMALL = {
 
 
 @pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    return make_msrvtt(tmp_path_factory.mktemp("msrvtt") / "data")
+def data(tmp_path_factory, write_video, write_jsonl):
+    return make_msrvtt(tmp_path_factory.mktemp("msrvtt") / "data", write_video, write_jsonl)
 
 
 def _train(data: Path, base: Path, preset: str) -> Path:
@@ -176,14 +151,14 @@ def test_ret_eval_reproduces_train(ret_run, tmp_path):
         {n: m["retrieval"] for n, m in first["methods"].items()}
 
 
-def test_mc_without_training_pairs_says_so(tmp_path, capsys):
-    root = make_msrvtt(tmp_path / "d", n_train=0, n_test=3, retrieval_files=False)
+def test_mc_without_training_pairs_says_so(tmp_path, capsys, write_video, write_jsonl):
+    root = make_msrvtt(tmp_path / "d", write_video, write_jsonl, n_train=0, n_test=3, retrieval_files=False)
     assert main(["train", "--preset", "msrvtt-mc", "--data-root", str(root), "--out", str(tmp_path / "o")]) == 2
     assert "train_from" in capsys.readouterr().err
 
 
-def test_mc_train_from_file(tmp_path):
-    root = make_msrvtt(tmp_path / "d", n_train=0, n_test=3, retrieval_files=False)
+def test_mc_train_from_file(tmp_path, write_video, write_jsonl):
+    root = make_msrvtt(tmp_path / "d", write_video, write_jsonl, n_train=0, n_test=3, retrieval_files=False)
     cfg = load_realdata_config("msrvtt-mc", data_root=str(root), encoder="allinone-test",
                                train_from=str(root / "msrvtt_mc_test.jsonl"))
     run = VideoRun(cfg, tmp_path / "o", log=lambda _: None)

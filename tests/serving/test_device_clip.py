@@ -23,7 +23,7 @@ def test_missing_run_dir_says_run_the_demo(tmp_path: Path, capsys: pytest.Captur
 @pytest.mark.slow
 def test_predict_a_benchmark_clip_through_the_server(live_server: Any, tmp_path: Path,
                                                      capsys: pytest.CaptureFixture[str]) -> None:
-    from stablesynth.data.benchmark import make_loader
+    from stablesynth.data.clip_loader import make_loader
     from stablesynth.serving.clip import clip_features, load_benchmark, load_encoder
     from stablesynth.serving.server import create_app, load_cloud_model
     from stablesynth.training.features import load_features

@@ -7,7 +7,7 @@ import torch
 
 from stablesynth.checkpoint import read_manifest
 from stablesynth.data.batch import FeatureBatch
-from stablesynth.data.benchmark import BenchmarkConfig, DeviceBenchmark, make_loader
+from stablesynth.data.clip_loader import make_loader
 from stablesynth.methods import build_method
 from stablesynth.models.encoder import create_model
 from stablesynth.models.global_model import GlobalModel, encode_frames
@@ -16,24 +16,18 @@ from stablesynth.training.stage1 import Stage1Config, polynomial_decay, train_st
 from stablesynth.training.stage2 import paired_batches, predict_per_session, train_method
 
 
-@pytest.fixture(scope="module")
-def bench() -> DeviceBenchmark:
-    return DeviceBenchmark.build(BenchmarkConfig(n_devices=3, n_unseen=1, history_per_device=16,
-                                                 realtime_per_device=8, image_size=16))
-
-
 def _model(k: int) -> GlobalModel:
     torch.manual_seed(0)
     return GlobalModel(create_model("allinone-test", max_text_len=16), k, dropout=0.0)
 
 
-def _loader(bench):
-    return lambda epoch: make_loader(bench, "history", "seen", batch_size=8, shuffle=True, seed=epoch)
+def _loader(tiny_bench):
+    return lambda epoch: make_loader(tiny_bench, "history", "seen", batch_size=8, shuffle=True, seed=epoch)
 
 
-def test_frame_features_do_not_depend_on_position(bench):
-    model = _model(bench.num_classes).eval()
-    batch = next(iter(make_loader(bench, "realtime", batch_size=2)))
+def test_frame_features_do_not_depend_on_position(tiny_bench):
+    model = _model(tiny_bench.num_classes).eval()
+    batch = next(iter(make_loader(tiny_bench, "realtime", batch_size=2)))
     frames = batch["frames"]
     feats = encode_frames(model.encoder, frames, batch["input_ids"], batch["attention_mask"])
     swapped = encode_frames(model.encoder, frames.flip(1), batch["input_ids"], batch["attention_mask"])
@@ -46,48 +40,48 @@ def test_polynomial_decay_warms_up_then_reaches_zero():
     assert polynomial_decay(100, 100, 10) == pytest.approx(0.0)
 
 
-def test_stage1_finished_checkpoint_is_reused(tmp_path: Path, bench):
+def test_stage1_finished_checkpoint_is_reused(tmp_path: Path, tiny_bench):
     cfg = Stage1Config(epochs=1, lr=1e-3, batch_size=8, head_dropout=0.0)
-    first = _model(bench.num_classes)
-    train_stage1(first, _loader(bench), cfg, tmp_path / "s1", seed=0, log=lambda *_: None)
-    again = _model(bench.num_classes)
-    info = train_stage1(again, _loader(bench), cfg, tmp_path / "s1", seed=0, log=lambda *_: None)
+    first = _model(tiny_bench.num_classes)
+    train_stage1(first, _loader(tiny_bench), cfg, tmp_path / "s1", seed=0, log=lambda *_: None)
+    again = _model(tiny_bench.num_classes)
+    info = train_stage1(again, _loader(tiny_bench), cfg, tmp_path / "s1", seed=0, log=lambda *_: None)
     assert info["trained_epochs"] == 0
     for (n, a), b in zip(first.state_dict().items(), again.state_dict().values()):
         assert torch.equal(a, b), n
 
 
-def test_stage1_interrupted_run_resumes_to_the_same_weights(tmp_path: Path, bench):
+def test_stage1_interrupted_run_resumes_to_the_same_weights(tmp_path: Path, tiny_bench):
     cfg = Stage1Config(epochs=2, lr=1e-3, batch_size=8, head_dropout=0.0)
-    ref = _model(bench.num_classes)
-    train_stage1(ref, _loader(bench), cfg, tmp_path / "ref", seed=0, log=lambda *_: None)
+    ref = _model(tiny_bench.num_classes)
+    train_stage1(ref, _loader(tiny_bench), cfg, tmp_path / "ref", seed=0, log=lambda *_: None)
 
     def crashing(epoch):
         if epoch == 1:  # the run dies as epoch 2 starts, after epoch 1's checkpoint
             raise KeyboardInterrupt
-        return _loader(bench)(epoch)
+        return _loader(tiny_bench)(epoch)
 
     with pytest.raises(KeyboardInterrupt):
-        train_stage1(_model(bench.num_classes), crashing, cfg, tmp_path / "run", seed=0, log=lambda *_: None)
+        train_stage1(_model(tiny_bench.num_classes), crashing, cfg, tmp_path / "run", seed=0, log=lambda *_: None)
     assert read_manifest(tmp_path / "run")["epoch"] == 1
-    resumed = _model(bench.num_classes)
-    train_stage1(resumed, _loader(bench), cfg, tmp_path / "run", seed=0, log=lambda *_: None)
+    resumed = _model(tiny_bench.num_classes)
+    train_stage1(resumed, _loader(tiny_bench), cfg, tmp_path / "run", seed=0, log=lambda *_: None)
     for (n, a), b in zip(ref.state_dict().items(), resumed.state_dict().values()):
         assert torch.allclose(a, b, atol=1e-5), n
 
 
-def test_feature_cache_resumes_and_refuses_other_encoders(tmp_path: Path, bench):
-    model = _model(bench.num_classes)
-    rows = bench.rows("history", "all")
+def test_feature_cache_resumes_and_refuses_other_encoders(tmp_path: Path, tiny_bench):
+    model = _model(tiny_bench.num_classes)
+    rows = tiny_bench.rows("history", "all")
     key = {"encoder": module_fingerprint(model.encoder), "clips": len(rows)}
 
     def loader():
-        return make_loader(bench, "history", "all", batch_size=8)
+        return make_loader(tiny_bench, "history", "all", batch_size=8)
 
     n = (len(rows) + 7) // 8
     out = extract_features(model.encoder, loader, n, tmp_path / "c", key, shard_batches=2)
     full = load_features(out)
-    assert full["frames"].shape == (len(rows), bench.cfg.frames_per_clip, 192)
+    assert full["frames"].shape == (len(rows), tiny_bench.cfg.frames_per_clip, 192)
     # Losing a shard and the completion mark: the extraction redoes only what is missing.
     (out / "shard-00001.safetensors").unlink()
     manifest = (out / "manifest.json").read_text().replace('"complete": true', '"complete": false')

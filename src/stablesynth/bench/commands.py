@@ -87,6 +87,6 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _payload(args: argparse.Namespace) -> int:
-    from stablesynth.evaluation.payload import payload_main
+    from stablesynth.models.payload import payload_main
 
     return payload_main(args.preset, args.json)

@@ -1,4 +1,4 @@
-"""The embedded device benchmark on easy-VQA (DESIGN.md §5): config, splits, clip loader.
+"""The embedded device benchmark on easy-VQA (DESIGN.md §5): devices, splits, batches.
 
 ``DeviceBenchmark.build(cfg)`` draws devices (capture profile, session drift, usage skew)
 and, per device, a *history* split of clips from easy-VQA's train split and a *real-time*
@@ -10,37 +10,27 @@ frame the device uploads and which ``global_frames`` frames it averages are draw
 benchmark is built, so feature caching and evaluation agree. Pixels are rendered in the
 loader's collate, a whole batch at once, from a per-clip seed: the same clip gives the same
 frames every time it is read, whatever batch it lands in.
+
+The config lives in :mod:`stablesynth.data.benchmark_config`, the split drawing in
+:mod:`stablesynth.data.clip_splits`, the loaders in :mod:`stablesynth.data.clip_loader`
+and the device picture in :mod:`stablesynth.data.device_grid`.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
 from collections.abc import Sequence
-from dataclasses import dataclass
-from importlib import resources
-from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset
 
-from stablesynth.config import Config, FloatPair, require
-from stablesynth.data.devices import (
-    CaptureProfile,
-    DeviceSpec,
-    JitterConfig,
-    ProfileRanges,
-    capture_clips,
-    sample_devices,
-)
+from stablesynth.data.benchmark_config import BENCH_SPLITS, BenchmarkConfig
+from stablesynth.data.clip_splits import SOURCE_SPLIT, ClipTable, draw_split
+from stablesynth.data.devices import CaptureProfile, DeviceSpec, capture_clips, sample_devices
 from stablesynth.data.easyvqa import QUESTION_TYPES, EasyVQA, load_easyvqa
 
-BenchSplit = Literal["history", "realtime"]
-BENCH_SPLITS: tuple[str, ...] = ("history", "realtime")
-SOURCE_SPLIT = {"history": "train", "realtime": "test"}
 CATEGORY_KINDS: tuple[str, ...] = ("answer", "question_type", "device")
 
 # DeiT / ImageNet normalisation, which the encoder's visual tokens were trained with.
@@ -65,180 +55,6 @@ _STREAM_DEVICES, _STREAM_HISTORY, _STREAM_REALTIME = 0, 1, 2
 
 # Bump when rendering or sampling changes what a config produces, so cached features go stale.
 RENDER_VERSION = 1
-
-
-def default_config_path() -> Path:
-    """The packaged default benchmark config (``stablesynth/configs/benchmark.yaml``)."""
-    return Path(str(resources.files("stablesynth") / "configs" / "benchmark.yaml"))
-
-
-def _range(cfg: Config, key: str, lo_min: float | None = None, lo_gt: float | None = None) -> None:
-    value = getattr(cfg, key)
-    require(len(value) == 2, key, f"expected [low, high], got {list(value)}")
-    lo, hi = value
-    require(np.isfinite(lo) and np.isfinite(hi), key, f"values must be finite, got {list(value)}")
-    require(lo <= hi, key, f"low {lo} is above high {hi}")
-    if lo_min is not None:
-        require(lo >= lo_min, key, f"low must be >= {lo_min}, got {lo}")
-    if lo_gt is not None:
-        require(lo > lo_gt, key, f"low must be > {lo_gt}, got {lo}")
-
-
-class BenchmarkConfig(Config):
-    """Everything that defines the benchmark; the same config (and seed) gives the same benchmark.
-
-    frames_per_clip is N_f; global_frames is D, the frames averaged into F_g. image_size is
-    the side the frames are resized to (the encoder preset decides; easy-VQA scenes are 64 px).
-    skew_over chooses what the per-device Dirichlet(skew_alpha) draw weights.
-    """
-
-    seed: int = 0
-    n_devices: int = 30
-    n_unseen: int = 6
-    history_per_device: int = 120
-    realtime_per_device: int = 60
-    frames_per_clip: int = 5
-    global_frames: int = 3
-    image_size: int = 32
-    max_question_len: int = 16
-    skew_over: Literal["answer", "question_type"] = "answer"
-    skew_alpha: float = 0.5
-    gain_range: FloatPair = (0.55, 1.45)
-    gamma_range: FloatPair = (0.7, 1.45)
-    contrast_range: FloatPair = (0.7, 1.3)
-    brightness_range: FloatPair = (-0.1, 0.1)
-    noise_range: FloatPair = (0.0, 0.06)
-    blur_range: FloatPair = (0.0, 1.2)
-    drift: float = 0.05
-    jitter_shift_px: float = 2.0
-    jitter_noise_std: float = 0.01
-    jitter_brightness_std: float = 0.02
-
-    def check(self) -> None:
-        require(self.n_devices >= 1, "n_devices", f"must be >= 1, got {self.n_devices}")
-        require(self.n_unseen >= 0, "n_unseen", f"must be >= 0, got {self.n_unseen}")
-        require(
-            self.n_unseen < self.n_devices,
-            "n_unseen",
-            f"must be below n_devices ({self.n_devices}) so some device is seen, got {self.n_unseen}",
-        )
-        for key in ("history_per_device", "realtime_per_device", "frames_per_clip"):
-            require(getattr(self, key) >= 1, key, f"must be >= 1, got {getattr(self, key)}")
-        require(self.global_frames >= 1, "global_frames", f"must be >= 1, got {self.global_frames}")
-        require(
-            self.global_frames <= self.frames_per_clip,
-            "global_frames",
-            f"D={self.global_frames} cannot exceed frames_per_clip N_f={self.frames_per_clip}",
-        )
-        require(self.image_size >= 8, "image_size", f"must be >= 8, got {self.image_size}")
-        require(
-            self.max_question_len >= 2, "max_question_len", f"must be >= 2 ([CLS], [SEP]), got {self.max_question_len}"
-        )
-        require(self.skew_alpha > 0, "skew_alpha", f"Dirichlet concentration must be > 0, got {self.skew_alpha}")
-        _range(self, "gain_range", lo_min=0.0)
-        _range(self, "gamma_range", lo_gt=0.0)
-        _range(self, "contrast_range", lo_min=0.0)
-        _range(self, "brightness_range")
-        _range(self, "noise_range", lo_min=0.0)
-        _range(self, "blur_range", lo_min=0.0)
-        for key in ("drift", "jitter_shift_px", "jitter_noise_std", "jitter_brightness_std"):
-            v = getattr(self, key)
-            require(bool(np.isfinite(v)) and v >= 0, key, f"must be a finite value >= 0, got {v}")
-
-    @classmethod
-    def default(cls) -> BenchmarkConfig:
-        """The packaged default config (falls back to the dataclass defaults if it is missing)."""
-        path = default_config_path()
-        return cls.from_file(path) if path.is_file() else cls()
-
-    def ranges(self) -> ProfileRanges:
-        return ProfileRanges(
-            gain=tuple(self.gain_range),
-            gamma=tuple(self.gamma_range),
-            contrast=tuple(self.contrast_range),
-            brightness=tuple(self.brightness_range),
-            noise_std=tuple(self.noise_range),
-            blur_sigma=tuple(self.blur_range),
-        )
-
-    def jitter(self) -> JitterConfig:
-        return JitterConfig(self.jitter_shift_px, self.jitter_noise_std, self.jitter_brightness_std)
-
-
-@dataclass(frozen=True)
-class ClipTable:
-    """Clips of one split as aligned tensors (row i is clip i).
-
-    sample_id [n] unique over the whole benchmark; device [n]; image [n] and question [n]
-    index into easy-VQA's source split; label [n] answer index; question_type [n];
-    jitter_seed [n] per-clip seed of all per-frame randomness; upload_index [n] in [0, N_f);
-    global_index [n, D] sorted distinct frames in [0, N_f).
-    """
-
-    split: str
-    sample_id: torch.Tensor
-    device: torch.Tensor
-    image: torch.Tensor
-    question: torch.Tensor
-    label: torch.Tensor
-    question_type: torch.Tensor
-    jitter_seed: torch.Tensor
-    upload_index: torch.Tensor
-    global_index: torch.Tensor
-
-    def __len__(self) -> int:
-        return int(self.sample_id.shape[0])
-
-    def index(self, rows: torch.Tensor) -> ClipTable:
-        values = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
-        return ClipTable(**{k: (v if k == "split" else v[rows]) for k, v in values.items()})
-
-
-def _draw_split(
-    rng: np.random.Generator,
-    cfg: BenchmarkConfig,
-    data: EasyVQA,
-    devices: Sequence[DeviceSpec],
-    split: str,
-    per_device: int,
-    first_id: int,
-) -> ClipTable:
-    src = data.split(SOURCE_SPLIT[split])
-    by = src.answer if cfg.skew_over == "answer" else src.question_type
-    by_np = by.numpy()
-    n_cat = data.num_answers if cfg.skew_over == "answer" else len(QUESTION_TYPES)
-    pools = [np.flatnonzero(by_np == c) for c in range(n_cat)]
-    questions, dev_ids = [], []
-    for dev in devices:
-        w = np.asarray(dev.skew, dtype=np.float64) * np.array([len(p) > 0 for p in pools], dtype=np.float64)
-        w = w / w.sum()
-        counts = rng.multinomial(per_device, w)
-        chosen = []
-        for c, k in enumerate(counts):
-            if k == 0:
-                continue
-            # Without replacement while the pool lasts, so a device rarely repeats a question.
-            chosen.append(rng.choice(pools[c], size=int(k), replace=bool(k > len(pools[c]))))
-        q = np.concatenate(chosen)
-        rng.shuffle(q)
-        questions.append(q)
-        dev_ids.append(np.full(per_device, dev.id))
-    q_all = torch.from_numpy(np.concatenate(questions)).long()
-    n = int(q_all.shape[0])
-    nf, d = cfg.frames_per_clip, cfg.global_frames
-    global_index = np.sort(np.argsort(rng.random((n, nf)), axis=1)[:, :d], axis=1)
-    return ClipTable(
-        split=split,
-        sample_id=torch.arange(first_id, first_id + n, dtype=torch.long),
-        device=torch.from_numpy(np.concatenate(dev_ids)).long(),
-        image=src.image[q_all].clone(),
-        question=q_all,
-        label=src.answer[q_all].clone(),
-        question_type=src.question_type[q_all].clone(),
-        jitter_seed=torch.from_numpy(rng.integers(0, 2**62, size=n)).long(),
-        upload_index=torch.from_numpy(rng.integers(0, nf, size=n)).long(),
-        global_index=torch.from_numpy(global_index).long(),
-    )
 
 
 def normalise_frames(frames: torch.Tensor) -> torch.Tensor:
@@ -277,10 +93,10 @@ class DeviceBenchmark:
             cfg.ranges(),
             cfg.drift,
         )
-        history = _draw_split(
+        history = draw_split(
             np.random.default_rng([cfg.seed, _STREAM_HISTORY]), cfg, data, devices, "history", cfg.history_per_device, 0
         )
-        realtime = _draw_split(
+        realtime = draw_split(
             np.random.default_rng([cfg.seed, _STREAM_REALTIME]),
             cfg,
             data,
@@ -473,155 +289,3 @@ class DeviceBenchmark:
             )
         return out
 
-
-class ClipDataset(Dataset):
-    """Clips of one split (optionally some devices); items are row indices, the collate renders.
-
-    Rendering in the collate lets one batch go through the capture pipeline as one tensor op.
-    """
-
-    def __init__(
-        self,
-        benchmark: DeviceBenchmark,
-        split: str,
-        devices: Sequence[int] | str | None = None,
-        clean: bool = False,
-    ) -> None:
-        self.benchmark = benchmark
-        self.split = split
-        self.clean = clean
-        self.rows = benchmark.rows(split, devices)
-
-    def __len__(self) -> int:
-        return int(self.rows.shape[0])
-
-    def __getitem__(self, i: int) -> int:
-        return int(self.rows[i])
-
-    def collate(self, rows: list[int]) -> dict[str, torch.Tensor]:
-        return self.benchmark.batch(self.split, torch.tensor(rows, dtype=torch.long), clean=self.clean)
-
-
-def make_loader(
-    benchmark: DeviceBenchmark,
-    split: str = "history",
-    devices: Sequence[int] | str | None = None,
-    batch_size: int = 64,
-    shuffle: bool = False,
-    clean: bool = False,
-    num_workers: int = 0,
-    seed: int | None = None,
-    drop_last: bool = False,
-) -> DataLoader:
-    """A DataLoader of dict batches (:data:`BATCH_KEYS`).
-
-    ``devices``: ids, or 'seen' / 'unseen' / 'all' (None). Shuffling draws from ``seed``
-    (default: the benchmark seed), so two loaders made alike yield the same order.
-    ``clean=True`` renders through the identity profile (the no-shift reference).
-    """
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    ds = ClipDataset(benchmark, split, devices, clean)
-    if len(ds) == 0:
-        raise ValueError(f"no clips in split {split!r} for devices {devices!r}")
-    generator = None
-    if shuffle:
-        generator = torch.Generator().manual_seed(benchmark.cfg.seed if seed is None else seed)
-    return DataLoader(
-        ds,
-        batch_size=batch_size,
-        shuffle=shuffle,
-        collate_fn=ds.collate,
-        num_workers=num_workers,
-        generator=generator,
-        drop_last=drop_last,
-    )
-
-
-def load_config(path: str | Path | None = None) -> BenchmarkConfig:
-    """A benchmark config from ``path``, or the packaged default."""
-    return BenchmarkConfig.default() if path is None else BenchmarkConfig.from_file(path)
-
-
-def devices_grid_png(
-    benchmark: DeviceBenchmark,
-    path: str | Path,
-    scenes: Sequence[int] | None = None,
-    size: int = 64,
-) -> Path:
-    """Draw one scene (or a few) as every device's camera records it, in its history and its
-    real-time session, with the clean scene first; write a PNG and return its path."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    train = benchmark.data.train
-    if scenes is None:
-        scenes = _default_scenes(benchmark)
-    scenes = [int(s) for s in scenes]
-    for s in scenes:
-        if not 0 <= s < train.images.shape[0]:
-            raise ValueError(f"scene {s} is not an easy-VQA train image index")
-    n_dev = len(benchmark.devices)
-    images = train.images[scenes]
-    seeds = torch.zeros(len(scenes), dtype=torch.long)
-    clean = capture_clips(
-        images, CaptureProfile.identity().to_tensor().expand(len(scenes), -1).contiguous(), seeds, 1, size, None
-    )[:, 0]
-    rows = []  # (label, [n_dev] images)
-    for s_i, s in enumerate(scenes):
-        for split in BENCH_SPLITS:
-            params = benchmark.profile_params(split)
-            imgs = images[s_i : s_i + 1].expand(n_dev, -1, -1, -1).contiguous()
-            frames = capture_clips(imgs, params, torch.arange(n_dev, dtype=torch.long) + 7919 * s, 1, size, None)
-            rows.append((f"{_scene_label(benchmark, s)}\n{split}", clean[s_i], frames[:, 0]))
-
-    fig, axes = plt.subplots(len(rows), n_dev + 1, figsize=(1.25 * (n_dev + 1), 1.45 * len(rows) + 0.4), squeeze=False)
-    for r, (label, ref, frames) in enumerate(rows):
-        axes[r, 0].imshow(ref.permute(1, 2, 0).numpy())
-        axes[r, 0].set_ylabel(label, fontsize=7)
-        if r == 0:
-            axes[r, 0].set_title("clean", fontsize=8)
-        for d in range(n_dev):
-            ax = axes[r, d + 1]
-            ax.imshow(frames[d].permute(1, 2, 0).numpy())
-            if r == 0:
-                dev = benchmark.devices[d]
-                ax.set_title(f"dev {d}" + ("" if dev.seen else "\n(unseen)"), fontsize=8)
-    for ax in axes.flat:
-        ax.set_xticks([])
-        ax.set_yticks([])
-    fig.suptitle(f"easy-VQA scenes as each device captures them (seed {benchmark.cfg.seed})", fontsize=9)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
-
-
-def _scene_label(benchmark: DeviceBenchmark, image: int) -> str:
-    train = benchmark.data.train
-    idx = (train.image == image).nonzero().squeeze(1).tolist()
-    color = shape = "?"
-    for q in idx:
-        t = int(train.question_type[q])
-        if t == 1:
-            color = benchmark.data.answers[int(train.answer[q])]
-        elif t == 0:
-            shape = benchmark.data.answers[int(train.answer[q])]
-    return f"{color} {shape}"
-
-
-def _default_scenes(benchmark: DeviceBenchmark) -> list[int]:
-    """Two train scenes whose shapes have different, cast-sensitive colours (first found)."""
-    train = benchmark.data.train
-    want = ("gray", "teal")
-    out = []
-    for colour in want:
-        a = benchmark.data.answers.index(colour) if colour in benchmark.data.answers else -1
-        hits = ((train.question_type == 1) & (train.answer == a)).nonzero().squeeze(1)
-        if len(hits):
-            out.append(int(train.image[hits[0]]))
-    return out or [0]

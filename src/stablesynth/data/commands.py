@@ -7,7 +7,9 @@ import json
 from pathlib import Path
 from typing import Any
 
-from stablesynth.data.benchmark import DeviceBenchmark, devices_grid_png, load_config
+from stablesynth.data.benchmark import DeviceBenchmark
+from stablesynth.data.benchmark_config import load_config
+from stablesynth.data.device_grid import devices_grid_png
 
 
 def register(subparsers: Any) -> None:
@@ -71,8 +73,20 @@ def format_table(stats: list[dict[str, Any]]) -> str:
     return "\n".join(out)
 
 
+def check_out_folder(out: Path) -> None:
+    """Raise ValueError naming the path when ``out`` cannot be made a folder (it, or a folder
+    above it, is an existing file); checked before the benchmark is built."""
+    for p in (out, *out.parents):
+        if p.exists():
+            if p.is_dir():
+                return
+            where = f"{out} is an existing file" if p == out else f"{out}: {p} is an existing file"
+            raise ValueError(f"--out {where}, not a folder (data describe writes devices.png and devices.json there)")
+
+
 def _describe(args: argparse.Namespace) -> int:
     cfg = load_config(args.config)
+    check_out_folder(args.out)
     if args.seed is not None:
         cfg = cfg.replace(seed=args.seed)
     bench = DeviceBenchmark.build(cfg)

@@ -40,7 +40,7 @@ import torch
 from torch.utils.data import Dataset
 
 from stablesynth.config import Config, require
-from stablesynth.data.formats import MCRecord, QARecord
+from stablesynth.data.annotation_records import MCRecord, QARecord
 from stablesynth.data.video import SAMPLING_MODES, preprocess, read_clip
 from stablesynth.presets import TaskPreset
 
@@ -131,7 +131,7 @@ class _ClipSource:
 
 
 class VideoQADataset(Dataset):
-    """Open-ended QA records (:class:`~stablesynth.data.formats.QARecord`) as clip-loader items.
+    """Open-ended QA records (:class:`~stablesynth.data.annotation_records.QARecord`) as clip-loader items.
 
     ``encode`` is any ``(texts, max_length) -> (input_ids, attention_mask)`` callable,
     e.g. :meth:`stablesynth.data.tokenizer.QuestionTokenizer.encode`. ``reader`` decodes a

@@ -48,11 +48,9 @@ def register(sub: argparse._SubParsersAction) -> None:
         ),
     )
     t.add_argument("--preset", required=True, choices=SUPPORTED_PRESETS, help="dataset preset")
-    t.add_argument("--data-root", type=Path, required=True, help="the dataset folder (annotations and media)")
+    _data_arguments(t, required=True)
     t.add_argument("--out", type=Path, required=True, help="output folder (checkpoints, caches, report)")
     t.add_argument("--config", type=Path, default=None, help="YAML/TOML/JSON overrides of the preset's settings")
-    t.add_argument("--frames-dir", type=Path, default=None,
-                   help="pre-extracted frames: one folder of images per clip, FRAMES_DIR/<clip name>/")
     t.add_argument("--seed", type=int, default=None, help="override the run seed")
     t.add_argument("--train-from", type=Path, default=None,
                    help="msrvtt-mc only: train on this JSON-lines file of MC items (clip_name, options, answer) "
@@ -69,9 +67,15 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     e.add_argument("--checkpoint-dir", type=Path, required=True, help="the --out folder of `stablesynth train`")
     e.add_argument("--out", type=Path, default=None, help="output folder (default: CHECKPOINT_DIR/eval)")
-    e.add_argument("--data-root", type=Path, default=None, help="the dataset folder, if it moved since training")
-    e.add_argument("--frames-dir", type=Path, default=None, help="pre-extracted frames folder (see train)")
+    _data_arguments(e, required=False)
     e.set_defaults(func=_eval)
+
+
+def _data_arguments(p: argparse.ArgumentParser, required: bool) -> None:
+    p.add_argument("--data-root", type=Path, required=required,
+                   help="the dataset folder (annotations and media)" + ("" if required else ", if it moved"))
+    p.add_argument("--frames-dir", type=Path, default=None,
+                   help="pre-extracted frames: one folder of images per clip, FRAMES_DIR/<clip name>/")
 
 
 def _demo(args: argparse.Namespace) -> int:

@@ -24,7 +24,10 @@ from torch import nn
 
 from stablesynth.checkpoint import CheckpointError, read_manifest
 from stablesynth.config import Config, ConfigError, require
-from stablesynth.data.benchmark import BenchmarkConfig, DeviceBenchmark, devices_grid_png, make_loader
+from stablesynth.data.benchmark import DeviceBenchmark
+from stablesynth.data.benchmark_config import BenchmarkConfig
+from stablesynth.data.clip_loader import make_loader
+from stablesynth.data.device_grid import devices_grid_png
 from stablesynth.experiment import studies
 from stablesynth.experiment.results import json_safe, log_accuracy, method_entry, results_skeleton, write_outputs
 from stablesynth.experiment.studies import OracleConfig

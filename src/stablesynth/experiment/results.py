@@ -14,10 +14,10 @@ import torch
 
 import stablesynth
 from stablesynth.evaluation import plots
-from stablesynth.evaluation.payload import payload_table
 from stablesynth.evaluation.report import SCHEMA_VERSION, render_report, validate_results
 from stablesynth.files import atomic_write_json, atomic_write_text
 from stablesynth.methods import Method
+from stablesynth.models.payload import payload_table
 
 FIGURES = ("per_device_accuracy.png", "accuracy_vs_cost.png")
 

@@ -54,7 +54,7 @@ class ClipFeatures:
 
 
 def _candidate_configs(run_dir: Path) -> list[tuple[str, Any]]:
-    from stablesynth.data.benchmark import BenchmarkConfig, load_config
+    from stablesynth.data.benchmark_config import BenchmarkConfig, load_config
 
     out: list[tuple[str, Any]] = []
     results = run_dir / "results.json"
@@ -117,7 +117,7 @@ def load_encoder(run_dir: Path) -> tuple[torch.nn.Module, dict[str, Any]]:
 
 def clip_features(run_dir: str | Path, device: int, clip: int) -> ClipFeatures:
     """Render and encode clip ``clip`` (0-based) of device ``device``'s real-time session."""
-    from stablesynth.data.benchmark import make_loader
+    from stablesynth.data.clip_loader import make_loader
     from stablesynth.models.global_model import encode_frames
 
     run = Path(run_dir)

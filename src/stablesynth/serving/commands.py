@@ -217,19 +217,11 @@ def _predict(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     """``python -m stablesynth.serving.commands serve|device ...``: the serving commands alone
     (a server process that imports nothing of training or evaluation)."""
-    import sys
+    from stablesynth.commandline import run_parsed
 
     parser = argparse.ArgumentParser(prog="stablesynth-serving")
     register(parser.add_subparsers(dest="command", metavar="COMMAND"))
-    args = parser.parse_args(argv)
-    if not getattr(args, "func", None):
-        parser.print_help()
-        return 2
-    try:
-        return int(args.func(args) or 0)
-    except (ValueError, FileNotFoundError) as exc:  # the user's to fix: one line, as `stablesynth` does
-        print(f"stablesynth: error: {exc}", file=sys.stderr)
-        return 2
+    return run_parsed(parser, argv)
 
 
 if __name__ == "__main__":

@@ -9,7 +9,7 @@ from typing import Any
 from pydantic import Field
 
 from stablesynth.config import Config, ConfigError, read_config_file, require
-from stablesynth.data.formats import QA_DATASETS
+from stablesynth.data.qa_formats import QA_DATASETS
 from stablesynth.data.video_dataset import VideoDatasetConfig
 from stablesynth.experiment.demo import all_methods, check_method_names
 from stablesynth.methods import METHODS, MethodConfig, default_method_config

@@ -10,15 +10,10 @@ from typing import Any
 import numpy as np
 import torch
 
+from stablesynth.data.annotation_files import DatasetFormatError, read_jsonl
+from stablesynth.data.annotation_records import MCRecord, QARecord, RetrievalRecord
 from stablesynth.data.batch import FeatureBatch
-from stablesynth.data.formats import (
-    DatasetFormatError,
-    MCRecord,
-    QARecord,
-    RetrievalRecord,
-    read_jsonl,
-    read_msrvtt_categories,
-)
+from stablesynth.data.msrvtt_formats import read_msrvtt_categories
 from stablesynth.data.video_dataset import VideoMCDataset, VideoQADataset, collate_clips
 from stablesynth.evaluation.metrics import accuracy_block, mc_accuracy, retrieval_metrics, rows_to_candidates
 from stablesynth.methods import Method

@@ -1,8 +1,8 @@
 """The main job on the paper's real video datasets (DESIGN §6): the demo's stages, real clips.
 
 ``stablesynth train --preset msrvtt-qa --data-root DIR --out OUT`` reads the published
-annotation files (:mod:`stablesynth.data.formats`), decodes the videos
-(:mod:`stablesynth.data.video_dataset`), trains stage 1 on the train split, caches
+annotation files (:mod:`stablesynth.data.qa_formats`, :mod:`stablesynth.data.msrvtt_formats`),
+decodes the videos (:mod:`stablesynth.data.video_dataset`), trains stage 1 on the train split, caches
 per-frame features, trains every method in stage 2 and evaluates each on the test
 split per device, writing the demo's ``results.json`` / ``report.md`` schema.
 ``stablesynth eval --checkpoint-dir OUT`` reloads the checkpoints, encodes the test
@@ -55,7 +55,10 @@ from torch import nn
 
 from stablesynth.checkpoint import CheckpointError, load_checkpoint
 from stablesynth.config import ConfigError
-from stablesynth.data.formats import AnswerVocab, DatasetFormatError, read_msrvtt_mc, read_msrvtt_retrieval, read_qa
+from stablesynth.data.annotation_files import DatasetFormatError
+from stablesynth.data.annotation_records import AnswerVocab
+from stablesynth.data.msrvtt_formats import read_msrvtt_mc, read_msrvtt_retrieval
+from stablesynth.data.qa_formats import read_qa
 from stablesynth.data.tokenizer import load_tokenizer
 from stablesynth.data.video_dataset import VideoMCDataset, VideoQADataset, collate_clips
 from stablesynth.experiment.realdata.config import RUN_CONFIG_FILE, RealDataConfig, merge

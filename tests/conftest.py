@@ -1,0 +1,95 @@
+"""Fixtures shared across the test packages: tiny video and annotation writers, a tiny benchmark.
+
+Test files run with ``--import-mode=importlib`` and cannot import this module, so the
+helpers are handed out as fixtures that return the function.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+import av
+import numpy as np
+import pytest
+
+from stablesynth.data.benchmark import DeviceBenchmark
+from stablesynth.data.benchmark_config import BenchmarkConfig
+
+MP4_CODECS: tuple[str, ...] = ("mpeg4", "libx264", "h264")
+
+
+def _pick_codec(names: Sequence[str]) -> str:
+    """The first of ``names`` this PyAV build can encode with; skips the test when there is none."""
+    for name in names:
+        try:
+            av.codec.Codec(name, "w")
+            return name
+        except Exception:  # codec not built into this PyAV
+            continue
+    pytest.skip(f"none of {list(names)} available in this PyAV build")
+
+
+def _write_frames(path: Path, frames: Sequence[np.ndarray], codec: str, pix_fmt: str = "yuv420p") -> Path:
+    """Encode RGB uint8 frames ``[S, S, 3]`` at 4 fps into ``path`` (its folder is created)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with av.open(str(path), "w") as out:
+        stream = out.add_stream(codec, rate=4)
+        stream.width = stream.height = frames[0].shape[0]
+        stream.pix_fmt = pix_fmt
+        for img in frames:
+            for packet in stream.encode(av.VideoFrame.from_ndarray(img, format="rgb24")):
+                out.mux(packet)
+        for packet in stream.encode():
+            out.mux(packet)
+    return path
+
+
+def _write_video(path: Path, rgb: tuple[int, int, int], seed: int, size: int = 24, frames: int = 4) -> Path:
+    """An mp4 of ``frames`` noisy frames of colour ``rgb`` (noise drawn from ``seed``)."""
+    codec = _pick_codec(MP4_CODECS)
+    rng = np.random.default_rng(seed)
+    imgs = [np.clip(np.array(rgb) + rng.integers(-20, 20, (size, size, 3)), 0, 255).astype(np.uint8)
+            for _ in range(frames)]
+    return _write_frames(path, imgs, codec)
+
+
+def _write_jsonl(path: Path, rows: Iterable[dict[str, Any]]) -> Path:
+    """One JSON object per line (the folder is created)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+@pytest.fixture(scope="session")
+def pick_codec() -> Callable[[Sequence[str]], str]:
+    """``pick_codec(names)``: the first encoder available; skips the test when there is none."""
+    return _pick_codec
+
+
+@pytest.fixture(scope="session")
+def write_frames() -> Callable[..., Path]:
+    """``write_frames(path, frames, codec, pix_fmt="yuv420p")``: encode RGB frames into a video file."""
+    return _write_frames
+
+
+@pytest.fixture(scope="session")
+def write_video() -> Callable[..., Path]:
+    """``write_video(path, rgb, seed, size=24, frames=4)``: a tiny noisy single-colour mp4."""
+    return _write_video
+
+
+@pytest.fixture(scope="session")
+def write_jsonl() -> Callable[[Path, Iterable[dict[str, Any]]], Path]:
+    """``write_jsonl(path, rows)``: a JSON-lines annotation file."""
+    return _write_jsonl
+
+
+@pytest.fixture(scope="module")
+def tiny_bench() -> DeviceBenchmark:
+    """A three-device benchmark (one unseen) with 16 px frames, for training tests."""
+    return DeviceBenchmark.build(
+        BenchmarkConfig(n_devices=3, n_unseen=1, history_per_device=16, realtime_per_device=8, image_size=16)
+    )
