@@ -63,9 +63,9 @@ def with_frames(data: FeatureBatch, d: int, seed: int) -> FeatureBatch:
 
 
 def run_ablation(cfg: RunConfig, out: Path, seeds: int = 3, only: list[str] | None = None,
-                 log: Any = print) -> dict[str, Any]:
+                 log: Any = print, device: str = "cpu") -> dict[str, Any]:
     t0 = time.perf_counter()
-    run = DemoRun(cfg, out, reuse=True, log=log)
+    run = DemoRun(cfg, out, reuse=True, log=log, device=device)
     run.stage1()
     run.cache_features()
     ws = run.ws
@@ -82,8 +82,8 @@ def run_ablation(cfg: RunConfig, out: Path, seeds: int = 3, only: list[str] | No
                 test = with_frames(test, v.frames, seed=10_000 + s)
             c = method.cfg
             train_method(method, train, c.epochs, c.batch_size, c.lr, c.weight_decay, seed=cfg.seed + 101 * s,
-                         desc=f"{v.name} seed {s}")
-            preds = predict_per_sample(method, test)
+                         desc=f"{v.name} seed {s}", device=ws.device)
+            preds = predict_per_sample(method, test, device=ws.device)
             summary = per_device_summary(accuracy_by_device(preds, test.label, test.device), ws.seen)["all"]
             scores.append(summary["mean"])
             worsts.append(summary["worst"])

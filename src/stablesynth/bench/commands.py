@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from stablesynth.accelerator import add_device_argument
+
 
 def register(sub: argparse._SubParsersAction) -> None:
     bench = sub.add_parser(
@@ -24,6 +26,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     ab.add_argument("--seeds", type=int, default=3, help="stage-2 seeds per variant (default 3)")
     ab.add_argument("--only", nargs="*", default=None,
                     help="only these groups: reference modules templates generator frames")
+    add_device_argument(ab)
     ab.set_defaults(func=_ablate)
 
     sv = bsub.add_parser(
@@ -67,7 +70,7 @@ def _ablate(args: argparse.Namespace) -> int:
     if args.seeds < 1:
         raise ValueError("--seeds must be >= 1")
     cfg = load_run_config(args.config, quick=args.quick)
-    run_ablation(cfg, args.out, seeds=args.seeds, only=args.only)
+    run_ablation(cfg, args.out, seeds=args.seeds, only=args.only, device=args.device)
     return 0
 
 

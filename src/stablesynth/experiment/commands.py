@@ -12,6 +12,8 @@ import argparse
 import time
 from pathlib import Path
 
+from stablesynth.accelerator import add_device_argument
+
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
@@ -30,6 +32,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--quick", action="store_true", help="a small config for smoke tests (about a minute)")
     p.add_argument("--fresh", action="store_true", help="ignore finished stages in --out and redo everything")
     p.add_argument("--seed", type=int, default=None, help="override the run seed (benchmark seed unchanged)")
+    add_device_argument(p)
     p.set_defaults(func=_demo)
     from stablesynth.experiment.realdata.config import SUPPORTED_PRESETS
 
@@ -55,6 +58,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     t.add_argument("--train-from", type=Path, default=None,
                    help="msrvtt-mc only: train on this JSON-lines file of MC items (clip_name, options, answer) "
                         "instead of MSRVTT retrieval's train pairs")
+    add_device_argument(t)
     t.set_defaults(func=_train)
 
     e = sub.add_parser(
@@ -68,6 +72,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     e.add_argument("--checkpoint-dir", type=Path, required=True, help="the --out folder of `stablesynth train`")
     e.add_argument("--out", type=Path, default=None, help="output folder (default: CHECKPOINT_DIR/eval)")
     _data_arguments(e, required=False)
+    add_device_argument(e)
     e.set_defaults(func=_eval)
 
 
@@ -85,7 +90,7 @@ def _demo(args: argparse.Namespace) -> int:
     cfg = load_run_config(args.config, quick=args.quick)
     if args.seed is not None:
         cfg = cfg.replace(seed=args.seed)
-    results = run_pipeline(cfg, args.out, reuse=not args.fresh)
+    results = run_pipeline(cfg, args.out, reuse=not args.fresh, device=args.device)
     print(f"demo finished in {time.perf_counter() - t0:.1f} s; report: {args.out / 'report.md'}")
     return 0 if results else 1
 
@@ -101,7 +106,7 @@ def _train(args: argparse.Namespace) -> int:
                                train_from=str(args.train_from) if args.train_from else None)
     ctx = init_distributed()
     try:
-        train_realdata(cfg, args.out, dist=ctx)
+        train_realdata(cfg, args.out, dist=ctx, device=args.device)
     finally:
         cleanup(ctx)
     if ctx.is_main:
@@ -113,7 +118,7 @@ def _eval(args: argparse.Namespace) -> int:
     from stablesynth.experiment.realdata.run import eval_realdata
 
     out = args.out or args.checkpoint_dir / "eval"
-    eval_realdata(args.checkpoint_dir, out,
+    eval_realdata(args.checkpoint_dir, out, device=args.device,
                   data_root=str(args.data_root) if args.data_root else None,
                   frames_dir=str(args.frames_dir) if args.frames_dir else None)
     print(f"eval finished; report: {out / 'report.md'}")

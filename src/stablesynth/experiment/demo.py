@@ -22,6 +22,7 @@ import torch
 from pydantic import Field
 from torch import nn
 
+from stablesynth.accelerator import configure_backends, resolve_device
 from stablesynth.checkpoint import CheckpointError, read_manifest
 from stablesynth.config import Config, ConfigError, require
 from stablesynth.data.benchmark import DeviceBenchmark
@@ -108,7 +109,8 @@ def load_run_config(path: str | Path | None = None, quick: bool = False) -> RunC
 class DemoRun:
     """One demo run in ``out``: the benchmark, the stage-1 model and the shared :class:`Workspace`."""
 
-    def __init__(self, cfg: RunConfig, out: Path, reuse: bool = True, log: Callable[[str], None] = print):
+    def __init__(self, cfg: RunConfig, out: Path, reuse: bool = True, log: Callable[[str], None] = print,
+                 device: str | torch.device = "cpu"):
         self.cfg = cfg
         out = Path(out)
         if not reuse and out.exists():
@@ -128,8 +130,9 @@ class DemoRun:
             initial=copy.deepcopy(model), method_config=cfg.method_config,
             num_categories=self.bench.num_categories, answer_names=self.bench.answer_names,
             paper_preset=cfg.paper_preset, eval_batch_size=cfg.eval_batch_size,
-            adapt_timing_repeats=cfg.adapt_timing_repeats, reuse=reuse, log=log,
+            adapt_timing_repeats=cfg.adapt_timing_repeats, reuse=reuse, log=log, device=resolve_device(device),
         )
+        configure_backends(self.ws.device)
         self.ws.timings["benchmark_build"] = build_seconds
 
     def _stage1_fields(self) -> dict[str, Any]:
@@ -157,7 +160,8 @@ class DemoRun:
                                seed=cfg.seed * 1000 + epoch, drop_last=True)
 
         ws.stage1_info = train_stage1(ws.model, loader, cfg.stage1, ckpt, cfg.seed,
-                                      manifest_extra=self._stage1_fields(), log=ws.log)
+                                      manifest_extra=self._stage1_fields(), log=ws.log, device=ws.device)
+        ws.model.cpu()
         ws.stage1_info["seconds"] = time.perf_counter() - t
         ws.timed("stage1", t)
 
@@ -174,6 +178,7 @@ class DemoRun:
                 encoder,
                 lambda: make_loader(self.bench, split, devices, batch_size=cfg.eval_batch_size, clean=clean),
                 n_batches, cache_dir, key, desc=f"features {tag}/{split}{' (clean)' if clean else ''}",
+                device=self.ws.device,
             )
 
         try:
@@ -183,6 +188,8 @@ class DemoRun:
             self.ws.log(f"rebuilding {cache_dir}: {str(exc).split(';')[0]}")
             shutil.rmtree(cache_dir)
             return load_features(extract())
+        finally:
+            encoder.cpu()
 
     def cache_features(self) -> None:
         t = time.perf_counter()
@@ -218,10 +225,11 @@ class DemoRun:
         return entries, trained
 
 
-def run_pipeline(cfg: RunConfig, out: Path, reuse: bool = True, log: Callable[[str], None] = print) -> dict:
+def run_pipeline(cfg: RunConfig, out: Path, reuse: bool = True, log: Callable[[str], None] = print,
+                 device: str | torch.device = "cpu") -> dict:
     """Run every stage and write results.json, report.md and the plots; returns the results."""
     t0 = time.perf_counter()
-    run = DemoRun(cfg, out, reuse=reuse, log=log)
+    run = DemoRun(cfg, out, reuse=reuse, log=log, device=device)
     ws = run.ws
     log(f"benchmark: {len(run.bench.devices)} devices ({len(ws.seen)} seen), K = {ws.K}; writing to {out}")
     devices_grid_png(run.bench, ws.out / "devices.png")

@@ -57,6 +57,9 @@ class Workspace:
     #: With True (re-evaluation), a method without a matching checkpoint is an error, not a reason to train.
     require_checkpoints: bool = False
     log: Callable[[str], None] = print
+    #: Where stage 2 and evaluation run; models come back to the CPU after each step (checkpoints,
+    #: costs and the studies are device-independent).
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     rows: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)
     stage1_info: dict[str, Any] = field(default_factory=dict)
     timings: dict[str, float] = field(default_factory=dict)
@@ -116,7 +119,8 @@ class Workspace:
         if method.trains_in_stage2:
             data = self.data(self.feature_key("history", method), mcfg.category, devices="seen")
             info = train_method(method, data, mcfg.epochs, mcfg.batch_size, mcfg.lr, mcfg.weight_decay,
-                                seed=self.seed, desc=f"stage 2 {name}")
+                                seed=self.seed, desc=f"stage 2 {name}", device=self.device)
+            method.cpu()
             train_seconds = info["seconds"]
             last = info["history"][-1] if info["history"] else {}
             self.log(f"stage 2 {name}: {info['steps']} steps in {train_seconds:.1f} s; last epoch "
@@ -134,12 +138,13 @@ class Workspace:
 
     def evaluate(self, method: Method, realtime: FeatureBatch) -> dict[str, Any]:
         """Per-device accuracy per sample (every clip its own upload) and per session (one upload a device)."""
-        preds = predict_per_sample(method, realtime, self.eval_batch_size)
+        preds = predict_per_sample(method, realtime, self.eval_batch_size, device=self.device)
         per_dev = accuracy_by_device(preds, realtime.label, realtime.device)
         session_preds = torch.empty_like(realtime.label)
         for d in realtime.device.unique().tolist():
             idx = torch.nonzero(realtime.device == d).flatten()
-            session_preds[idx] = predict_per_session(method, realtime.index(idx))
+            session_preds[idx] = predict_per_session(method, realtime.index(idx), device=self.device)
+        method.cpu()
         per_dev_session = accuracy_by_device(session_preds, realtime.label, realtime.device)
         return {"per_sample": accuracy_block(per_dev, self.seen),
                 "per_session": accuracy_block(per_dev_session, self.seen)}

@@ -45,6 +45,7 @@ class _GlobalHead(_DeviceHeadMixin):
     """One W, b for every device: nothing is generated per upload."""
 
     adaptive: ClassVar[bool] = False
+    config_defaults: ClassVar[dict[str, Any]] = dict(MODULES_OFF)
 
     def __init__(self, cfg: MethodConfig, num_classes: int) -> None:
         super().__init__()
@@ -77,7 +78,6 @@ class FLinear(_GlobalHead):
 
     name: ClassVar[str] = "f_linear"
     label: ClassVar[str] = "F-linear"
-    config_defaults: ClassVar[dict[str, Any]] = dict(MODULES_OFF)
     uses_untrained_encoder: ClassVar[bool] = True
 
 
@@ -87,7 +87,6 @@ class FineTune(_GlobalHead):
 
     name: ClassVar[str] = "fine_tune"
     label: ClassVar[str] = "Fine-tuning"
-    config_defaults: ClassVar[dict[str, Any]] = dict(MODULES_OFF)
     trains_in_stage2: ClassVar[bool] = False
     is_global_head: ClassVar[bool] = True
 

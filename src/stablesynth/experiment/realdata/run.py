@@ -53,6 +53,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from stablesynth.accelerator import configure_backends
 from stablesynth.checkpoint import CheckpointError, load_checkpoint
 from stablesynth.config import ConfigError
 from stablesynth.data.annotation_files import DatasetFormatError
@@ -80,7 +81,7 @@ from stablesynth.files import atomic_write_json
 from stablesynth.methods import METHODS, Method, MethodConfig
 from stablesynth.models.encoder import create_model
 from stablesynth.models.global_model import GlobalModel
-from stablesynth.training.distributed import SINGLE, DistContext, shard_indices
+from stablesynth.training.distributed import SINGLE, DistContext, shard_indices, training_device
 from stablesynth.training.features import extract_features, load_features, module_fingerprint
 from stablesynth.training.stage1 import train_stage1
 
@@ -93,7 +94,8 @@ class VideoRun:
     """
 
     def __init__(self, cfg: RealDataConfig, out: Path, log: Callable[[str], None] = print,
-                 dist: DistContext | None = None, mode: str = "train", features_dir: Path | None = None) -> None:
+                 dist: DistContext | None = None, mode: str = "train", features_dir: Path | None = None,
+                 device: str | torch.device | None = None) -> None:
         if mode not in ("train", "eval"):
             raise ValueError(f"mode must be 'train' or 'eval', got {mode!r}")
         if not cfg.data_root:
@@ -118,7 +120,10 @@ class VideoRun:
             num_categories=self.num_categories, answer_names=self.vocab.labels, paper_preset=cfg.preset,
             eval_batch_size=cfg.eval_batch_size, adapt_timing_repeats=cfg.adapt_timing_repeats,
             method_class=self.method_class, model_prefix=cfg.preset, require_checkpoints=mode == "eval", log=log,
+            # Under torchrun each rank trains on its own GPU; stage 2 and evaluation run on rank 0's.
+            device=training_device(device, self.dist),
         )
+        configure_backends(self.ws.device)
         self.ws.timings["data"] = data_seconds
 
     def _read_kwargs(self) -> dict[str, Any]:
@@ -239,8 +244,9 @@ class VideoRun:
             self.ws.model, loader, cfg.stage1, self.ws.out / "stage1", cfg.seed,
             manifest_extra={"encoder": cfg.encoder_name, "encoder_overrides": cfg.encoder_overrides,
                             "dataset": cfg.preset, "data": self.fingerprint(), "num_classes": self.K},
-            log=self.log, dist=ctx,
+            log=self.log, dist=ctx, device=self.ws.device,
         )
+        self.ws.model.cpu()
         self.ws.stage1_info["seconds"] = time.perf_counter() - t
         self.ws.timed("stage1", t)
 
@@ -263,7 +269,8 @@ class VideoRun:
                "records": _dataset_digest(ds), "clips": len(ds), "video": ds.cfg.to_dict()}
         path = extract_features(encoder, lambda: ClipBatches(ds, batches), len(batches),
                                 self.features_dir / f"{tag}-{split}", key, shard_batches=cfg.shard_batches,
-                                desc=f"features {tag}/{split}", dist=self.dist)
+                                desc=f"features {tag}/{split}", dist=self.dist, device=self.ws.device)
+        encoder.cpu()
         return load_features(path)
 
     def cache_features(self, splits: Sequence[str] = ("history", "realtime")) -> None:
@@ -389,7 +396,7 @@ def _empty_groups_nan(results: dict[str, Any]) -> dict[str, Any]:
 
 
 def train_realdata(cfg: RealDataConfig, out: Path, log: Callable[[str], None] = print,
-                   dist: DistContext | None = None) -> dict[str, Any] | None:
+                   dist: DistContext | None = None, device: str | torch.device | None = None) -> dict[str, Any] | None:
     """Stage 1, caches, stage 2, evaluation; writes results.json and report.md (rank 0 returns them)."""
     t0 = time.perf_counter()
     ctx = dist or SINGLE
@@ -398,7 +405,7 @@ def train_realdata(cfg: RealDataConfig, out: Path, log: Callable[[str], None] = 
         out.mkdir(parents=True, exist_ok=True)
         atomic_write_json(out / RUN_CONFIG_FILE, cfg.to_dict())
     ctx.barrier()
-    run = VideoRun(cfg, out, log=log, dist=ctx)
+    run = VideoRun(cfg, out, log=log, dist=ctx, device=device)
     run.stage1()
     run.cache_features()
     if not ctx.is_main:
@@ -410,7 +417,7 @@ def train_realdata(cfg: RealDataConfig, out: Path, log: Callable[[str], None] = 
 
 
 def eval_realdata(checkpoint_dir: Path, out: Path | None = None, log: Callable[[str], None] = print,
-                  **overrides: Any) -> dict[str, Any]:
+                  device: str | torch.device | None = None, **overrides: Any) -> dict[str, Any]:
     """Reload a finished ``train`` run, encode the test clips again and evaluate every method.
 
     ``overrides`` replace fields of the saved config (e.g. ``data_root`` when the data moved).
@@ -424,7 +431,7 @@ def eval_realdata(checkpoint_dir: Path, out: Path | None = None, log: Callable[[
     cfg = RealDataConfig.from_dict(data)
     out = Path(out) if out is not None else checkpoint_dir / "eval"
     out.mkdir(parents=True, exist_ok=True)
-    run = VideoRun(cfg, checkpoint_dir, log=log, mode="eval", features_dir=out / "features")
+    run = VideoRun(cfg, checkpoint_dir, log=log, mode="eval", features_dir=out / "features", device=device)
     run.load_stage1()
     run.cache_features(splits=("realtime",))
     results = _results(run, run.evaluate_all(), t0, "eval")
