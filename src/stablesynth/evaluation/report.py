@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from stablesynth.evaluation.cost import transfer_ms
+from stablesynth.evaluation.stats import format_ci, paired_difference, verdict
 from stablesynth.presets import PAPER_BANDWIDTHS_MBPS
 
 SCHEMA_VERSION = 1
@@ -137,8 +138,22 @@ def proposed_method(results: dict[str, Any]) -> str | None:
     return next((n for n, m in results["methods"].items() if m.get("proposed")), None)
 
 
+def device_groups(results: dict[str, Any]) -> dict[str, list[str]]:
+    """Device ids (as results.json's per_device keys) of the seen and the unseen devices."""
+    devices = results["benchmark"]["devices"]
+    return {"seen": [str(d["id"]) for d in devices if d["seen"]],
+            "unseen": [str(d["id"]) for d in devices if not d["seen"]]}
+
+
+def compare(results: dict[str, Any], a: str, b: str, group: str, mode: str = "per_sample") -> dict[str, float]:
+    """Paired per-device difference of methods ``a`` − ``b`` on ``group``'s devices, with its 95 % interval."""
+    methods = results["methods"]
+    return paired_difference(methods[a]["accuracy"][mode]["per_device"], methods[b]["accuracy"][mode]["per_device"],
+                             device_groups(results)[group])
+
+
 def _verdicts(results: dict[str, Any]) -> list[str]:
-    """Plain sentences comparing StableSynthNet with each baseline, from the numbers alone."""
+    """Plain sentences comparing the proposed method with each other one, each with its interval."""
     methods = results["methods"]
     out: list[str] = []
     name_ours = proposed_method(results)
@@ -149,17 +164,15 @@ def _verdicts(results: dict[str, Any]) -> list[str]:
     for name, m in methods.items():
         if name == name_ours:
             continue
-        other = m["accuracy"]["per_sample"]
         for group in ("seen", "unseen"):
             if not ours[group]["n"]:
                 continue
-            d_mean = 100 * (ours[group]["mean"] - other[group]["mean"])
-            d_worst = 100 * (ours[group]["worst"] - other[group]["worst"])
-            d_std = 100 * (ours[group]["std"] - other[group]["std"])
-            verb = "beats" if d_mean > 0.05 else ("loses to" if d_mean < -0.05 else "ties with")
+            ci = compare(results, name_ours, name, group)
+            verb = verdict(ci)
             out.append(
-                f"On {group} devices {label_ours} {verb} {m['label']} by {d_mean:+.1f} points of mean "
-                f"accuracy ({d_worst:+.1f} on the worst device; spread across devices {d_std:+.1f} points)."
+                f"On {group} devices {label_ours} {verb} {m['label']}: {format_ci(ci)} points of accuracy "
+                f"(mean per-device difference, 95 % bootstrap interval over {ci['n']} devices"
+                + ("; the interval covers zero, so this is a tie)." if verb == "ties with" else ").")
             )
     oracle = results.get("oracle")
     if oracle:
