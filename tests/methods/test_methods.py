@@ -9,7 +9,7 @@ from stablesynth.models.device import StaticHead
 from stablesynth.registry import UnknownNameError
 
 K = 5
-ALL = ["duet", "f_hyper", "f_linear", "fine_tune", "stablesynth"]
+ALL = sorted(["duet", "f_hyper", "f_linear", "fine_tune", "stablesynth", "stage2_control"])
 
 
 def _batch(n: int = 64, seed: int = 0, frames: int = 6) -> FeatureBatch:
@@ -160,3 +160,27 @@ def test_cloud_step_flops_at_msrvtt_size():
         s = build_method("stablesynth", k, cfg)
         s.templates.update(torch.randn(8, 192), torch.arange(4).repeat(2))
         assert _cloud_flops(s, k) <= 620_000
+
+
+def test_stage2_trains_only_what_adaptation_adds_by_default():
+    head = StaticHead()
+    w, b = torch.randn(K, 96), torch.randn(K)
+    for name in ("f_hyper", "stablesynth", "duet"):
+        m = build_method(name, K)
+        m.init_from_head(head, w, b)
+        names = {n for n, p in m.named_parameters() if any(p is q for q in m.trainable_parameters())}
+        assert names and not any(n.startswith("static.") for n in names)
+        assert not names & {f"generator.{n}" for n in m.generator.base_parameter_names}
+        assert any(n.startswith("projector.") for n in names)
+        every = build_method(name, K, default_method_config(name, stage2_trains="all"))
+        assert len(list(every.trainable_parameters())) == len(list(every.parameters()))
+
+
+def test_stage2_control_generates_one_head_for_every_upload():
+    m = build_method("stage2_control", K).eval()
+    assert not m.adaptive
+    with torch.no_grad():
+        for p in m.generator.parameters():
+            p.normal_()
+        a = m.adapt(torch.randn(3, 192))
+    assert torch.equal(a["weight"][0], a["weight"][1]) and torch.equal(a["weight"][1], a["weight"][2])

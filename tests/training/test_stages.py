@@ -107,11 +107,28 @@ def _synthetic(n=96, k=4, seed=0) -> FeatureBatch:
                         global_index=torch.tensor([[0, 1, 2]]).repeat(n, 1))
 
 
-def test_paired_batches_give_every_anchor_a_positive():
+def test_paired_batches_give_every_anchor_another_sample_of_its_category():
     cats = torch.tensor([0, 0, 1, 1, 1, 2, 2, 3, 3, 3])
-    for idx in paired_batches(cats, 6, torch.Generator().manual_seed(0)):
-        half = len(idx) // 2
-        assert torch.equal(cats[idx[:half]], cats[idx[half:]])
+    seen_partners: dict[int, set[int]] = {}
+    for seed in range(20):
+        for idx in paired_batches(cats, 6, torch.Generator().manual_seed(seed)):
+            half = len(idx) // 2
+            anchors, partners = idx[:half], idx[half:]
+            assert torch.equal(cats[anchors], cats[partners])
+            assert not bool((anchors == partners).any())  # never a sample paired with itself
+            for a, p in zip(anchors.tolist(), partners.tolist(), strict=True):
+                seen_partners.setdefault(a, set()).add(p)
+    # Every other member of the category is drawn (uniform over the others), never the anchor.
+    assert seen_partners[2] == {3, 4} and seen_partners[7] == {8, 9}
+
+
+def test_a_sample_alone_in_its_category_brings_no_partner():
+    cats = torch.tensor([0, 1, 1, 1])
+    for idx in paired_batches(cats, 8, torch.Generator().manual_seed(0)):
+        anchors = idx[:4]
+        partners = idx[4:]
+        assert len(partners) == 3 and 0 not in partners.tolist()
+        assert sorted(anchors.tolist()) == [0, 1, 2, 3]
 
 
 def test_stage2_is_seeded_and_learns():

@@ -43,7 +43,7 @@ from stablesynth.training.stage1 import Stage1Config, train_stage1
 
 def all_methods() -> list[str]:
     """Every registered method, in registration order (the report's row order)."""
-    return list(METHODS.names())
+    return METHODS.in_order()
 
 
 class RunConfig(Config):

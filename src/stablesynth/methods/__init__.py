@@ -1,12 +1,13 @@
 """Methods: one small class per method, registered by name in ``METHODS``.
 
-Importing this package registers every method: fine_tune, f_linear, f_hyper, duet, stablesynth.
+Importing this package registers every method: f_linear, fine_tune, f_hyper, duet, stablesynth and the
+stage-2 control.
 """
 
 from collections.abc import Mapping
 from typing import Any
 
-from stablesynth.methods import baselines, stablesynth
+from stablesynth.methods import baselines, control, stablesynth
 from stablesynth.methods.base import METHODS, Method, default_method_config
 from stablesynth.methods.config import MethodConfig
 
@@ -25,5 +26,5 @@ def build_method(name: str, num_classes: int, cfg: MethodConfig | Mapping[str, A
     return cls(cfg, num_classes)
 
 
-__all__ = ["METHODS", "Method", "MethodConfig", "baselines", "build_method", "default_method_config",
+__all__ = ["METHODS", "Method", "MethodConfig", "baselines", "build_method", "control", "default_method_config",
            "stablesynth"]

@@ -7,7 +7,7 @@ default ``film``), so comparing the two isolates StableSynthNet's three modules.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from typing import Any, ClassVar
 
 import torch
@@ -116,6 +116,14 @@ class HyperMethod(_DeviceHeadMixin):
 
     def driver(self, upload: torch.Tensor) -> torch.Tensor:
         return self.projector(upload)
+
+    def trainable_parameters(self) -> Iterator[nn.Parameter]:
+        """Stage 2's parameters: with ``stage2_trains: adaptation`` the static head and base Θ stay fixed."""
+        if self.cfg.stage2_trains == "all":
+            return super().trainable_parameters()
+        fixed = {f"generator.{n}" for n in self.generator.base_parameter_names}
+        return (p for n, p in self.named_parameters()
+                if p.requires_grad and not n.startswith("static.") and n not in fixed)
 
     def adapt(self, upload: torch.Tensor) -> dict[str, torch.Tensor]:
         return self.generator(self.driver(upload))

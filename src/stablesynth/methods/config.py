@@ -47,6 +47,10 @@ class MethodConfig(Config):
     template_select: Literal["nearest", "soft"] = "nearest"
     select_temperature: float = 0.1
     # optimisation (stage 2)
+    #: What stage 2 trains in a hypernetwork method: ``adaptation`` (the projector, the generator's
+    #: modulating layers and the templates; the static head and the base Θ keep their stage-1 values)
+    #: or ``all`` (every parameter, which mixes extra training of the head with adaptation).
+    stage2_trains: Literal["adaptation", "all"] = "adaptation"
     lr: float = 1e-4
     weight_decay: float = 0.01
     epochs: int = 40

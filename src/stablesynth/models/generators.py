@@ -82,6 +82,9 @@ class Generator(nn.Module):
         """Restart from ``init`` (e.g. the stage-1 head): a fresh generator then outputs it for any driver."""
         raise NotImplementedError
 
+    #: Names of the parameters that hold the base Θ (what a zero modulation outputs), not the modulation.
+    base_parameter_names: tuple[str, ...] = ("W0", "b0")
+
     @property
     def factor_numel(self) -> int:
         """Floats the cloud sends per sample (the factors)."""
@@ -116,6 +119,8 @@ class FullGenerator(Generator):
         super().__init__(specs, driver_dim, init)
         del rank, code_dim  # accepted so every generator takes the same keyword arguments
         self.total = sum(s.numel for s in self.specs)
+        # Θ_d = A d + a: the bias a is the base Θ, A the modulation.
+        self.base_parameter_names = ("linear.bias",)
         self.linear = nn.Linear(driver_dim, self.total)
         if init is not None:
             self.reset_base(init)

@@ -26,8 +26,10 @@ from stablesynth.methods.base import Method
 def paired_batches(categories: torch.Tensor, batch_size: int, generator: torch.Generator) -> Iterator[torch.Tensor]:
     """One epoch of batches in which each drawn anchor brings one partner of its category.
 
-    Eq. 5's positives must exist in a batch; half of each batch are random anchors,
-    the other half a random same-category partner of each (itself when it is alone).
+    Eq. 5's positives must exist in a batch: half of each batch are random anchors, the
+    other half a random *other* sample of each anchor's category. An anchor alone in its
+    category brings no partner (it has no positive, and Eq. 5–8 leave it out); a sample is
+    never its own partner, which would be a trivial positive and a duplicated row.
     """
     n = int(categories.shape[0])
     order = torch.randperm(n, generator=generator)
@@ -40,8 +42,12 @@ def paired_batches(categories: torch.Tensor, batch_size: int, generator: torch.G
         partners = []
         for a in anchors.tolist():
             pool = by_cat[int(categories[a])]
-            j = pool[torch.randint(len(pool), (1,), generator=generator)].item()
-            partners.append(j)
+            if len(pool) < 2:
+                continue
+            # Uniform over the other len(pool) − 1 members: pool is sorted, so slots at or past the
+            # anchor's own shift by one.
+            k = int(torch.randint(len(pool) - 1, (1,), generator=generator))
+            partners.append(int(pool[k + 1]) if int(pool[k]) >= a else int(pool[k]))
         yield torch.cat([anchors, torch.tensor(partners, dtype=torch.long)])
 
 
