@@ -194,3 +194,21 @@ def test_default_casts_flip_colour_answers_for_a_cast_blind_reader():
     assert hit.float().mean() < 0.95
     per_device = [float(hit[dev == d].float().mean()) for d in range(b.cfg.n_devices) if (dev == d).any()]
     assert min(per_device) < 0.85
+
+
+def test_realtime_session_drifts_with_capture_order(bench):
+    frac = bench.session_fraction("realtime")
+    table = bench.splits["realtime"]
+    for d in table.device.unique().tolist():
+        f = frac[table.device == d]
+        assert bool((f[1:] > f[:-1]).all()) and float(f[-1]) == 1.0  # grows to the full drift at the end
+    # The last clip of a session is captured with the real-time profile, the first one nearer the history's.
+    dev = int(table.device[0])
+    rows = torch.nonzero(table.device == dev).flatten()
+    last, first = int(rows[-1]), int(rows[0])
+    real = bench.render("realtime", torch.tensor([last]), jitter=False)
+    images = bench.data.split("test").images[table.image[[last]]]
+    expect = capture_clips(images, bench.profile_params("realtime")[[dev]], table.jitter_seed[[last]],
+                           bench.cfg.frames_per_clip, bench.cfg.image_size, None)
+    assert torch.allclose(real, expect)
+    assert float(frac[first]) < 1.0

@@ -2,7 +2,10 @@
 
 ``DeviceBenchmark.build(cfg)`` draws devices (capture profile, session drift, usage skew)
 and, per device, a *history* split of clips from easy-VQA's train split and a *real-time*
-split from its test split. Unseen devices get a history too (the per-device fine-tuning
+split from its test split. A device's real-time clips are one session in capture order
+(row order): its camera drifts away from the history profile as the session goes on, so
+the per-session mode's first clip is the session's first capture and later clips are
+further from it. Unseen devices get a history too (the per-device fine-tuning
 reference trains on it) but the cloud must never train on them.
 
 A clip is one scene recorded as ``frames_per_clip`` frames with per-frame jitter. Which
@@ -54,7 +57,8 @@ BATCH_KEYS: tuple[str, ...] = (
 _STREAM_DEVICES, _STREAM_HISTORY, _STREAM_REALTIME = 0, 1, 2
 
 # Bump when rendering or sampling changes what a config produces, so cached features go stale.
-RENDER_VERSION = 1
+#: 2: the real-time session's drift grows with the clip's position in the session.
+RENDER_VERSION = 2
 
 
 def normalise_frames(frames: torch.Tensor) -> torch.Tensor:
@@ -209,6 +213,15 @@ class DeviceBenchmark:
             self._tokens[split] = (ids[inverse], mask[inverse])
         return self._tokens[split]
 
+    def session_fraction(self, split: str) -> torch.Tensor:
+        """Per clip, (t + 1) / n: its position t in its device's session of n clips (capture order = row order)."""
+        table = self._table(split)
+        pos = torch.empty(len(table), dtype=torch.float32)
+        for d in table.device.unique().tolist():
+            idx = torch.nonzero(table.device == d).flatten()
+            pos[idx] = (torch.arange(len(idx), dtype=torch.float32) + 1) / len(idx)
+        return pos
+
     def render(
         self,
         split: str,
@@ -226,6 +239,11 @@ class DeviceBenchmark:
             params = CaptureProfile.identity().to_tensor().expand(len(rows), -1).contiguous()
         else:
             params = self._params[split][table.device[rows]]
+            if split == "realtime":
+                # A session drifts as it goes: clip t of n is captured with the history profile moved
+                # (t + 1) / n of the way to the real-time one.
+                hist = self._params["history"][table.device[rows]]
+                params = hist + self.session_fraction(split)[rows].unsqueeze(1) * (params - hist)
         return capture_clips(
             images,
             params,
