@@ -9,7 +9,7 @@ from stablesynth.models.device import StaticHead
 from stablesynth.registry import UnknownNameError
 
 K = 5
-ALL = sorted(["duet", "f_hyper", "f_linear", "fine_tune", "stablesynth", "stage2_control"])
+ALL = sorted(["duet", "em_prior", "f_hyper", "f_linear", "fine_tune", "stablesynth", "stage2_control"])
 
 
 def _batch(n: int = 64, seed: int = 0, frames: int = 6) -> FeatureBatch:
@@ -184,3 +184,33 @@ def test_stage2_control_generates_one_head_for_every_upload():
             p.normal_()
         a = m.adapt(torch.randn(3, 192))
     assert torch.equal(a["weight"][0], a["weight"][1]) and torch.equal(a["weight"][1], a["weight"][2])
+
+
+def test_em_prior_is_causal_and_follows_the_session_prior():
+    m = build_method("em_prior", K).eval()
+    with torch.no_grad():
+        m.weight.zero_()
+        m.bias.zero_()
+    f_g = torch.randn(6, 192)
+    full = m.predict_stream(f_g)
+    # Clip t never depends on clips after it.
+    assert torch.allclose(m.predict_stream(f_g[:3]), full[:3])
+    # A head that knows nothing answers by the prior: a session whose clips all lean to class 2
+    # moves the estimate there, so later clips are predicted as 2 once the prior has moved.
+    with torch.no_grad():
+        m.bias[2] = 0.5
+        m.prior_strength.fill_(1.0)
+    stream = m.predict_stream(torch.zeros(20, 192)).softmax(-1)[:, 2]
+    assert stream[-1] > stream[0]
+
+
+def test_em_prior_chooses_its_strength_on_validation():
+    m = build_method("em_prior", K)
+    label = torch.tensor([0, 1, 2, 3, 4] * 8)
+    train = FeatureBatch(frames=torch.randn(40, 3, 192), label=label, category=label, device=torch.zeros(40).long(),
+                         upload_index=torch.zeros(40).long(), global_index=torch.tensor([[0, 1, 2]]).repeat(40, 1))
+    m.prepare(train, train)
+    assert torch.allclose(m.train_prior, torch.full((K,), 0.2))
+    from stablesynth.methods.em_prior import PRIOR_STRENGTHS
+
+    assert float(m.prior_strength) in PRIOR_STRENGTHS

@@ -143,6 +143,14 @@ class DeviceBenchmark:
             raise ValueError(f"unknown split {split!r} (known: {', '.join(BENCH_SPLITS)})")
         return self.splits[split]
 
+    def validation_rows(self) -> torch.Tensor:
+        """History rows held out for choosing hyper-parameters: each seen device's last
+        ``validation_per_device`` clips (capture order)."""
+        n = self.cfg.validation_per_device
+        table = self._table("history")
+        parts = [torch.nonzero(table.device == d).flatten()[-n:] for d in self.seen_devices] if n else []
+        return torch.cat(parts) if parts else torch.empty(0, dtype=torch.long)
+
     def _resolve_devices(self, devices: Sequence[int] | str | None) -> list[int] | None:
         if devices is None or devices == "all":
             return None
@@ -159,8 +167,12 @@ class DeviceBenchmark:
         return ids
 
     def rows(self, split: str, devices: Sequence[int] | str | None = None) -> torch.Tensor:
-        """Row indices into ``split``'s table of the clips of ``devices`` (ids, 'seen', 'unseen', 'all')."""
+        """Row indices into ``split``'s table of the clips of ``devices`` (ids, 'seen', 'unseen', 'all';
+        for history also 'train': the seen devices' clips less the validation rows)."""
         table = self._table(split)
+        if devices == "train":
+            seen = self.rows(split, "seen")
+            return seen[~torch.isin(seen, self.validation_rows())] if split == "history" else seen
         ids = self._resolve_devices(devices)
         if ids is None:
             return torch.arange(len(table))

@@ -51,6 +51,9 @@ class BenchmarkConfig(Config):
     n_unseen: int = 6
     history_per_device: int = 120
     realtime_per_device: int = 60
+    #: History clips per seen device held out of training (its last ones): the validation clips on
+    #: which hyper-parameters are chosen, never the real-time clips the report scores.
+    validation_per_device: int = 0
     frames_per_clip: int = 5
     global_frames: int = 3
     image_size: int = 32
@@ -76,6 +79,8 @@ class BenchmarkConfig(Config):
             "n_unseen",
             f"must be below n_devices ({self.n_devices}) so some device is seen, got {self.n_unseen}",
         )
+        require(0 <= self.validation_per_device < self.history_per_device, "validation_per_device",
+                f"must be in [0, history_per_device), got {self.validation_per_device}")
         for key in ("history_per_device", "realtime_per_device", "frames_per_clip"):
             require(getattr(self, key) >= 1, key, f"must be >= 1, got {getattr(self, key)}")
         require(self.global_frames >= 1, "global_frames", f"must be >= 1, got {self.global_frames}")

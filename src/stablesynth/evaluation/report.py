@@ -186,7 +186,8 @@ def _verdicts(results: dict[str, Any]) -> list[str]:
     return out
 
 
-def render_report(results: dict[str, Any], ablation: dict[str, Any] | None = None) -> str:
+def render_report(results: dict[str, Any], ablation: dict[str, Any] | None = None,
+                  seeds: dict[str, Any] | None = None) -> str:
     """report.md as a string; figures come only from ``results`` (and ``ablation``)."""
     b = results["benchmark"]
     methods = results["methods"]
@@ -257,6 +258,8 @@ def render_report(results: dict[str, Any], ablation: dict[str, Any] | None = Non
         a = m["accuracy"]["per_sample"]
         t = m["adapt_ms"]["median"] if m["adaptive"] else None
         adapt = _ms(t) if t is not None else "— (no adaptation)"
+        if "device_ms_per_clip" in m:
+            adapt = f"{_ms(m['device_ms_per_clip'])} per clip on the device, no upload"
         pa = paper_acc.get(name)
         pd = paper_delay.get(name)
         lines.append(
@@ -347,6 +350,8 @@ def render_report(results: dict[str, Any], ablation: dict[str, Any] | None = Non
     lines += ["", "## Plots", ""]
     for fig in figures:
         lines += [f"![{fig.removesuffix('.png').replace('_', ' ')}]({fig})", ""]
+    if seeds:
+        lines += render_seeds(seeds)
     if ablation:
         lines += render_ablation(ablation)
     text = "\n".join(lines) + "\n"
@@ -380,14 +385,38 @@ def render_payload(rows: list[dict[str, Any]]) -> list[str]:
     return lines
 
 
+def render_seeds(seeds: dict[str, Any]) -> list[str]:
+    """The headline over several benchmark seeds (``demo --seeds N``)."""
+    n = seeds["n_seeds"]
+    lines = ["## Across benchmark seeds", "",
+             f"{n} benchmark seeds ({', '.join(map(str, seeds['seeds']))}), each a new draw of devices, casts, "
+             "usage and clips, trained from stage 1 on. Mean accuracy over the seeds [95 % bootstrap interval over "
+             "the seeds]; the last columns pool every seed's devices for the paired difference to "
+             f"{seeds['methods'][seeds['proposed']]['label'] if seeds.get('proposed') else 'the proposed method'}.",
+             "", "| method | seen | unseen | proposed − this, seen | proposed − this, unseen |",
+             "|---|---|---|---|---|"]
+    for m in seeds["methods"].values():
+        cells = [f"{_pct(m[g]['ci']['mean'])} [{_pct(m[g]['ci']['low'])}, {_pct(m[g]['ci']['high'])}]"
+                 for g in ("seen", "unseen")]
+        diffs = [f"{format_ci(m[g]['proposed_minus_this'])} ({verdict(m[g]['proposed_minus_this'])})"
+                 if "proposed_minus_this" in m[g] else "—" for g in ("seen", "unseen")]
+        lines.append(f"| {m['label']} | " + " | ".join(cells + diffs) + " |")
+    return [*lines, ""]
+
+
 def render_ablation(ablation: dict[str, Any]) -> list[str]:
     lines = ["## Ablations", "",
-             f"StableSynthNet with one change at a time, {ablation['n_seeds']} stage-2 seeds each "
-             "(mean ± std of the mean accuracy over all devices, per-sample mode).", "",
-             "| group | variant | mean | std | worst device | spread |", "|---|---|---|---|---|---|"]
+             f"StableSynthNet with one change at a time, {ablation['n_seeds']} stage-2 seeds each, per-sample "
+             "mode: mean accuracy over all devices with its 95 % interval (bootstrap over devices of the "
+             "per-device mean over seeds), std across seeds, and the paired difference to the defaults.", "",
+             "| group | variant | mean [95 % interval] | seed std | vs defaults (points) | worst device |",
+             "|---|---|---|---|---|---|"]
     for r in ablation["rows"]:
-        lines.append(f"| {r['group']} | {r['name']} | {_pct(r['mean'])} | {_pct(r['std'])} | "
-                     f"{_pct(r['worst'])} | {_pct(r['spread'])} |")
+        ci = r.get("ci")
+        interval = f"{_pct(r['mean'])} [{_pct(ci['low'])}, {_pct(ci['high'])}]" if ci else _pct(r["mean"])
+        diff = r.get("vs_reference")
+        lines.append(f"| {r['group']} | {r['name']} | {interval} | {_pct(r['std'])} | "
+                     f"{format_ci(diff) if diff else '—'} | {_pct(r['worst'])} |")
     if ablation.get("notes"):
         lines += [""] + [f"- {n}" for n in ablation["notes"]]
     lines += ["", "![ablations](ablation.png)", ""]

@@ -28,10 +28,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--out", type=Path, default=Path("runs/demo"), help="output folder (default: runs/demo)")
     p.add_argument("--config", type=Path, default=None,
-                   help="a run config (YAML/TOML); default: the packaged demo config")
+                   help="a run config (YAML/TOML/JSON file) or a packaged one by name: demo (default), "
+                        "harsh (stronger casts, fewer training devices), quick")
     p.add_argument("--quick", action="store_true", help="a small config for smoke tests (about a minute)")
     p.add_argument("--fresh", action="store_true", help="ignore finished stages in --out and redo everything")
     p.add_argument("--seed", type=int, default=None, help="override the run seed (benchmark seed unchanged)")
+    p.add_argument("--seeds", type=int, default=1,
+                   help="run the headline over N benchmark seeds (default 1); seed k>0 goes to OUT/seeds/k")
     add_device_argument(p)
     p.set_defaults(func=_demo)
     from stablesynth.experiment.realdata.config import SUPPORTED_PRESETS
@@ -84,13 +87,14 @@ def _data_arguments(p: argparse.ArgumentParser, required: bool) -> None:
 
 
 def _demo(args: argparse.Namespace) -> int:
-    from stablesynth.experiment.demo import load_run_config, run_pipeline
+    from stablesynth.experiment.demo import load_run_config
+    from stablesynth.experiment.seeds import run_seeds
 
     t0 = time.perf_counter()
     cfg = load_run_config(args.config, quick=args.quick)
     if args.seed is not None:
         cfg = cfg.replace(seed=args.seed)
-    results = run_pipeline(cfg, args.out, reuse=not args.fresh, device=args.device)
+    results = run_seeds(cfg, args.out, args.seeds, reuse=not args.fresh, device=args.device)
     print(f"demo finished in {time.perf_counter() - t0:.1f} s; report: {args.out / 'report.md'}")
     return 0 if results else 1
 

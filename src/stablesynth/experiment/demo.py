@@ -101,7 +101,10 @@ def packaged_config(name: str) -> Path:
 
 
 def load_run_config(path: str | Path | None = None, quick: bool = False) -> RunConfig:
+    """A config file, a packaged config's name (``demo``, ``quick``, ``harsh``), or the packaged default."""
     if path is not None:
+        if not Path(path).exists() and Path(path).suffix == "":
+            return RunConfig.from_file(packaged_config(str(path)))
         return RunConfig.from_file(path)
     return RunConfig.from_file(packaged_config("quick" if quick else "demo"))
 
@@ -134,6 +137,7 @@ class DemoRun:
         )
         configure_backends(self.ws.device)
         self.ws.timings["benchmark_build"] = build_seconds
+        self.ws.validation_ids = self.bench.samples("history").sample_id[self.bench.validation_rows()]
 
     def _stage1_fields(self) -> dict[str, Any]:
         return {"encoder": self.cfg.encoder, "encoder_overrides": self.cfg.encoder_overrides,
@@ -156,7 +160,7 @@ class DemoRun:
                 shutil.rmtree(ckpt)
 
         def loader(epoch: int):
-            return make_loader(self.bench, "history", "seen", batch_size=cfg.stage1.batch_size, shuffle=True,
+            return make_loader(self.bench, "history", "train", batch_size=cfg.stage1.batch_size, shuffle=True,
                                seed=cfg.seed * 1000 + epoch, drop_last=True)
 
         ws.stage1_info = train_stage1(ws.model, loader, cfg.stage1, ckpt, cfg.seed,

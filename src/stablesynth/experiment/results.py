@@ -82,10 +82,11 @@ def results_skeleton(*, t0: float, seed: int, command: str, config: dict[str, An
 def write_outputs(results: dict[str, Any], out: Path, plots_too: bool = True) -> None:
     """results.json, report.md (with the ablations when ``out`` has them) and the plots."""
     validate_results(results)
-    ablation_path = out / "ablation.json"
+    ablation_path, seeds_path = out / "ablation.json", out / "seeds.json"
     ablation = json.loads(ablation_path.read_text()) if ablation_path.exists() else None
+    seeds = json.loads(seeds_path.read_text()) if seeds_path.exists() else None
     atomic_write_json(out / "results.json", results)
     if plots_too:
         plots.per_device_accuracy(results, out / "per_device_accuracy.png")
         plots.accuracy_vs_cost(results, out / "accuracy_vs_cost.png")
-    atomic_write_text(out / "report.md", render_report(results, ablation))
+    atomic_write_text(out / "report.md", render_report(results, ablation, seeds))

@@ -60,6 +60,8 @@ class Workspace:
     #: Where stage 2 and evaluation run; models come back to the CPU after each step (checkpoints,
     #: costs and the studies are device-independent).
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    #: Sample ids of the validation clips (held-out history of seen devices): never trained on.
+    validation_ids: torch.Tensor = field(default_factory=lambda: torch.empty(0, dtype=torch.long))
     rows: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)
     stage1_info: dict[str, Any] = field(default_factory=dict)
     timings: dict[str, float] = field(default_factory=dict)
@@ -74,11 +76,18 @@ class Workspace:
         return any(self.method_class(n).uses_untrained_encoder for n in names)
 
     def data(self, key: str, category: str = "answer", devices: str | None = None) -> FeatureBatch:
-        batch = to_feature_batch(self.rows[key], category)
-        if devices == "seen":
-            mask = torch.isin(batch.device, torch.tensor(sorted(self.seen)))
-            batch = batch.index(torch.nonzero(mask).flatten())
-        return batch
+        """Cached clips of ``key``; ``devices``: None (all), 'seen', 'train' (seen less validation), 'validation'."""
+        rows = self.rows[key]
+        batch = to_feature_batch(rows, category)
+        if devices is None:
+            return batch
+        mask = torch.isin(batch.device, torch.tensor(sorted(self.seen)))
+        if devices in ("train", "validation"):
+            held = torch.isin(rows["sample_id"], self.validation_ids)
+            mask &= held if devices == "validation" else ~held
+        elif devices != "seen":
+            raise ValueError(f"devices must be None, 'seen', 'train' or 'validation', got {devices!r}")
+        return batch.index(torch.nonzero(mask).flatten())
 
     # -- methods -----------------------------------------------------------------------------
 
@@ -116,8 +125,11 @@ class Workspace:
                 self.log(f"stage 2 {name}: not reusing {ckpt} ({exc})")
         if self.require_checkpoints:
             raise CheckpointError(f"{ckpt}: no checkpoint of {name} made by this run's stage 1 and config")
+        history = self.feature_key("history", method)
+        data = self.data(history, mcfg.category, devices="train")
+        validation = self.data(history, mcfg.category, devices="validation") if len(self.validation_ids) else None
+        method.prepare(data, validation)
         if method.trains_in_stage2:
-            data = self.data(self.feature_key("history", method), mcfg.category, devices="seen")
             info = train_method(method, data, mcfg.epochs, mcfg.batch_size, mcfg.lr, mcfg.weight_decay,
                                 seed=self.seed, desc=f"stage 2 {name}", device=self.device)
             method.cpu()
@@ -138,13 +150,21 @@ class Workspace:
 
     def evaluate(self, method: Method, realtime: FeatureBatch) -> dict[str, Any]:
         """Per-device accuracy per sample (every clip its own upload) and per session (one upload a device)."""
-        preds = predict_per_sample(method, realtime, self.eval_batch_size, device=self.device)
+        if method.session_causal:
+            # Each clip sees only its session's earlier clips, in both modes.
+            preds = torch.empty_like(realtime.label)
+            for d in realtime.device.unique().tolist():
+                idx = torch.nonzero(realtime.device == d).flatten()
+                preds[idx] = method.predict_stream(realtime.index(idx).f_g).argmax(-1)
+            session_preds = preds
+        else:
+            preds = predict_per_sample(method, realtime, self.eval_batch_size, device=self.device)
+            session_preds = torch.empty_like(realtime.label)
+            for d in realtime.device.unique().tolist():
+                idx = torch.nonzero(realtime.device == d).flatten()
+                session_preds[idx] = predict_per_session(method, realtime.index(idx), device=self.device)
+            method.cpu()
         per_dev = accuracy_by_device(preds, realtime.label, realtime.device)
-        session_preds = torch.empty_like(realtime.label)
-        for d in realtime.device.unique().tolist():
-            idx = torch.nonzero(realtime.device == d).flatten()
-            session_preds[idx] = predict_per_session(method, realtime.index(idx), device=self.device)
-        method.cpu()
         per_dev_session = accuracy_by_device(session_preds, realtime.label, realtime.device)
         return {"per_sample": accuracy_block(per_dev, self.seen),
                 "per_session": accuracy_block(per_dev_session, self.seen)}
@@ -164,6 +184,11 @@ class Workspace:
         if not method.adaptive:
             out["flops"] = {"benchmark": 0, "paper": 0, "benchmark_K": self.K, "paper_K": paper_K}
             out["adapt_ms"] = {"median": 0.0, "p90": 0.0, "repeats": 0}
+            if method.session_causal:
+                session = realtime.index(torch.nonzero(realtime.device == realtime.device[0]).flatten())
+                timing = time_call(lambda: method.predict_stream(session.f_g), repeats=5, warmup=1)
+                # What the device spends per clip to keep its estimate up to date (no upload at all).
+                out["device_ms_per_clip"] = timing["median_ms"] / max(len(session), 1)
             return out
         method.eval()
         with torch.inference_mode():

@@ -1,13 +1,13 @@
 """Methods: one small class per method, registered by name in ``METHODS``.
 
-Importing this package registers every method: f_linear, fine_tune, f_hyper, duet, stablesynth and the
-stage-2 control.
+Importing this package registers every method: f_linear, fine_tune, f_hyper, duet, stablesynth, the
+stage-2 control and em_prior.
 """
 
 from collections.abc import Mapping
 from typing import Any
 
-from stablesynth.methods import baselines, control, stablesynth
+from stablesynth.methods import baselines, control, em_prior, stablesynth
 from stablesynth.methods.base import METHODS, Method, default_method_config
 from stablesynth.methods.config import MethodConfig
 
@@ -26,5 +26,14 @@ def build_method(name: str, num_classes: int, cfg: MethodConfig | Mapping[str, A
     return cls(cfg, num_classes)
 
 
-__all__ = ["METHODS", "Method", "MethodConfig", "baselines", "build_method", "control", "default_method_config",
-           "stablesynth"]
+__all__ = [
+    "METHODS",
+    "Method",
+    "MethodConfig",
+    "baselines",
+    "build_method",
+    "control",
+    "default_method_config",
+    "em_prior",
+    "stablesynth",
+]

@@ -43,11 +43,20 @@ class Method(nn.Module):
     multi_frame_upload: ClassVar[bool] = False
     #: True for the stage-1 global head: the reference of the oracle, the diagnostics and em-prior.
     is_global_head: ClassVar[bool] = False
+    #: True when predictions use the session's earlier clips (``predict_stream``), as em_prior does.
+    session_causal: ClassVar[bool] = False
     #: True for the method this package proposes: the report's comparisons and the encoding study are about it.
     proposed: ClassVar[bool] = False
     cfg: MethodConfig
     #: The device's static MLP (192 → 96); every method has one.
     static: StaticHead
+
+    def prepare(self, train: FeatureBatch, validation: FeatureBatch | None) -> None:
+        """Before stage 2: statistics of the training clips, and choices made on the validation clips."""
+
+    def predict_stream(self, f_g: torch.Tensor) -> torch.Tensor:
+        """Logits [n, K] of one session's clips in capture order, clip t using only clips before it."""
+        raise NotImplementedError(f"method {self.name!r} does not predict a session as a stream")
 
     def prepare_cost_count(self) -> None:
         """Put an untrained model in the state a trained one counts cloud FLOPs in (default: nothing)."""
