@@ -64,7 +64,8 @@ def test_train_writes_valid_results_with_paper_preset_fields(trained):
     _, out = trained
     results = load_results(out / "results.json")
     assert (out / "report.md").is_file()
-    assert set(results["methods"]) == {"f_linear", "fine_tune", "f_hyper", "duet", "stablesynth"}
+    assert set(results["methods"]) == {"f_linear", "fine_tune", "em_prior", "f_hyper", "duet", "stablesynth",
+                                       "stage2_control"}
     bench = results["benchmark"]
     assert bench["num_classes"] == 8 and bench["dataset"] == "msrvtt-qa"
     assert [d["id"] for d in bench["devices"]] == [0, 1]  # the MSRVTT categories

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Literal
 
 import numpy as np
+from pydantic import Field
 
 from stablesynth.config import Config, FloatPair, require
 from stablesynth.data.devices import JitterConfig, ProfileRanges
@@ -47,19 +48,21 @@ class BenchmarkConfig(Config):
     """
 
     seed: int = 0
-    n_devices: int = 30
-    n_unseen: int = 6
-    history_per_device: int = 120
-    realtime_per_device: int = 60
+    n_devices: int = Field(30, ge=1)
+    n_unseen: int = Field(6, ge=0)
+    history_per_device: int = Field(120, ge=1)
+    realtime_per_device: int = Field(60, ge=1)
     #: History clips per seen device held out of training (its last ones): the validation clips on
     #: which hyper-parameters are chosen, never the real-time clips the report scores.
-    validation_per_device: int = 0
-    frames_per_clip: int = 5
-    global_frames: int = 3
-    image_size: int = 32
-    max_question_len: int = 16
+    validation_per_device: int = Field(0, ge=0)
+    frames_per_clip: int = Field(5, ge=1)
+    global_frames: int = Field(3, ge=1)
+    image_size: int = Field(32, ge=8)
+    #: Tokens of a question, [CLS] and [SEP] included.
+    max_question_len: int = Field(16, ge=2)
     skew_over: Literal["answer", "question_type"] = "answer"
-    skew_alpha: float = 0.5
+    #: Dirichlet concentration of the per-device usage skew.
+    skew_alpha: float = Field(0.5, gt=0)
     gain_range: FloatPair = (0.55, 1.45)
     gamma_range: FloatPair = (0.7, 1.45)
     contrast_range: FloatPair = (0.7, 1.3)
@@ -72,28 +75,18 @@ class BenchmarkConfig(Config):
     jitter_brightness_std: float = 0.02
 
     def check(self) -> None:
-        require(self.n_devices >= 1, "n_devices", f"must be >= 1, got {self.n_devices}")
-        require(self.n_unseen >= 0, "n_unseen", f"must be >= 0, got {self.n_unseen}")
         require(
             self.n_unseen < self.n_devices,
             "n_unseen",
             f"must be below n_devices ({self.n_devices}) so some device is seen, got {self.n_unseen}",
         )
-        require(0 <= self.validation_per_device < self.history_per_device, "validation_per_device",
-                f"must be in [0, history_per_device), got {self.validation_per_device}")
-        for key in ("history_per_device", "realtime_per_device", "frames_per_clip"):
-            require(getattr(self, key) >= 1, key, f"must be >= 1, got {getattr(self, key)}")
-        require(self.global_frames >= 1, "global_frames", f"must be >= 1, got {self.global_frames}")
+        require(self.validation_per_device < self.history_per_device, "validation_per_device",
+                f"must be below history_per_device ({self.history_per_device}), got {self.validation_per_device}")
         require(
             self.global_frames <= self.frames_per_clip,
             "global_frames",
             f"D={self.global_frames} cannot exceed frames_per_clip N_f={self.frames_per_clip}",
         )
-        require(self.image_size >= 8, "image_size", f"must be >= 8, got {self.image_size}")
-        require(
-            self.max_question_len >= 2, "max_question_len", f"must be >= 2 ([CLS], [SEP]), got {self.max_question_len}"
-        )
-        require(self.skew_alpha > 0, "skew_alpha", f"Dirichlet concentration must be > 0, got {self.skew_alpha}")
         _range(self, "gain_range", lo_min=0.0)
         _range(self, "gamma_range", lo_gt=0.0)
         _range(self, "contrast_range", lo_min=0.0)

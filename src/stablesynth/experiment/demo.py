@@ -57,8 +57,8 @@ class RunConfig(Config):
     methods: list[str] = Field(default_factory=all_methods)
     method_overrides: dict[str, dict[str, Any]] = Field(default_factory=dict)
     oracle: OracleConfig = Field(default_factory=OracleConfig)
-    eval_batch_size: int = 128
-    adapt_timing_repeats: int = 200
+    eval_batch_size: int = Field(128, ge=1)
+    adapt_timing_repeats: int = Field(200, ge=1)
     paper_preset: str = "msrvtt-qa"
 
     def check(self) -> None:
@@ -73,8 +73,6 @@ class RunConfig(Config):
         image_size = self.encoder_overrides.get("image_size", ENCODERS.get(self.encoder).image_size)
         require(self.benchmark.image_size == image_size, "benchmark.image_size",
                 f"{self.benchmark.image_size} differs from the encoder's image_size {image_size}")
-        require(self.eval_batch_size >= 1, "eval_batch_size", "must be >= 1")
-        require(self.adapt_timing_repeats >= 1, "adapt_timing_repeats", "must be >= 1")
 
     def method_config(self, name: str) -> MethodConfig:
         return default_method_config(name, **self.method_overrides.get(name, {}))

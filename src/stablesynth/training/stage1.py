@@ -19,11 +19,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from pydantic import Field
 from tqdm.auto import tqdm
 
 from stablesynth.accelerator import configure_backends, to_device
 from stablesynth.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
-from stablesynth.config import Config, require
+from stablesynth.config import Config
 from stablesynth.models.global_model import GlobalModel
 from stablesynth.training.distributed import SINGLE, DistContext, training_device
 from stablesynth.training.steps import forward_loss, make_optimizer, make_scheduler, optimizer_step
@@ -37,23 +38,16 @@ class Stage1Config(Config):
     from scratch, so its default config raises the learning rate (see configs/).
     """
 
-    epochs: int = 10
-    lr: float = 2e-5
-    weight_decay: float = 0.01
-    batch_size: int = 64
-    warmup_ratio: float = 0.1
-    power: float = 1.0
-    grad_clip: float = 1.0
-    head_dropout: float = 0.5
-    max_steps_per_epoch: int = 0
-
-    def check(self) -> None:
-        require(self.epochs >= 0, "epochs", "must be >= 0")
-        require(self.lr > 0, "lr", "must be > 0")
-        require(self.batch_size >= 1, "batch_size", "must be >= 1")
-        require(0 <= self.warmup_ratio < 1, "warmup_ratio", "must be in [0, 1)")
-        require(0 <= self.head_dropout < 1, "head_dropout", "must be in [0, 1)")
-        require(self.max_steps_per_epoch >= 0, "max_steps_per_epoch", "must be >= 0 (0 = no cap)")
+    epochs: int = Field(10, ge=0)
+    lr: float = Field(2e-5, gt=0)
+    weight_decay: float = Field(0.01, ge=0)
+    batch_size: int = Field(64, ge=1)
+    warmup_ratio: float = Field(0.1, ge=0, lt=1)
+    power: float = Field(1.0, gt=0)
+    grad_clip: float = Field(1.0, ge=0)
+    head_dropout: float = Field(0.5, ge=0, lt=1)
+    #: Cap on the steps of one epoch (0 = no cap).
+    max_steps_per_epoch: int = Field(0, ge=0)
 
 
 def _optimizer_tensors(opt: torch.optim.Optimizer) -> dict[str, torch.Tensor]:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import Field
 
@@ -40,17 +40,17 @@ class RealDataConfig(Config):
     encoder: str = ""
     encoder_overrides: dict[str, Any] = Field(default_factory=dict)
     #: K of the dynamic layer (0 = the preset's, which gives the paper's bytes).
-    num_classes: int = 0
+    num_classes: int = Field(0, ge=0)
     #: VideoDatasetConfig fields (num_frames, global_frames, device_by, n_devices); image size
     #: and text length follow the encoder.
     video: dict[str, Any] = Field(default_factory=dict)
     #: Frame sampling while training stage 1 (All-in-One: random); caches are always uniform.
-    train_sampling: str = "random"
+    train_sampling: Literal["random", "uniform"] = "random"
     train_split: str = "train"
     test_split: str = "test"
     #: Use only the first N records of a split (0 = all), for small runs.
-    max_train: int = 0
-    max_test: int = 0
+    max_train: int = Field(0, ge=0)
+    max_test: int = Field(0, ge=0)
     #: Device ids held out of training, reported as "unseen".
     unseen_devices: list[int] = Field(default_factory=list)
     stage1: Stage1Config = Field(default_factory=Stage1Config)
@@ -59,14 +59,14 @@ class RealDataConfig(Config):
     stage2: dict[str, Any] = Field(default_factory=dict)
     method_overrides: dict[str, dict[str, Any]] = Field(default_factory=dict)
     #: Multiple choice / retrieval: sampled negative captions per training (video, caption) pair.
-    negatives: int = 4
+    negatives: int = Field(4, ge=1)
     #: Multiple choice: train on this JSON-lines file of MC items (clip_name, options, answer[, question]),
     #: videos under the media root, instead of MSRVTT retrieval's train pairs.
     train_from: str = ""
-    eval_batch_size: int = 32
-    shard_batches: int = 8
-    num_workers: int = 0
-    adapt_timing_repeats: int = 200
+    eval_batch_size: int = Field(32, ge=1)
+    shard_batches: int = Field(8, ge=1)
+    num_workers: int = Field(0, ge=0)
+    adapt_timing_repeats: int = Field(200, ge=1)
 
     def check(self) -> None:
         if self.preset not in SUPPORTED_PRESETS:
@@ -74,10 +74,6 @@ class RealDataConfig(Config):
                               f"{', '.join(SUPPORTED_PRESETS)})")
         if self.encoder and self.encoder not in ENCODERS:
             raise ConfigError(f"encoder: unknown encoder preset {self.encoder!r} (known: {', '.join(ENCODERS)})")
-        require(self.num_classes >= 0, "num_classes", "must be >= 0 (0 = the preset's K)")
-        require(self.train_sampling in ("random", "uniform"), "train_sampling", "must be 'random' or 'uniform'")
-        require(self.max_train >= 0 and self.max_test >= 0, "max_train", "caps must be >= 0 (0 = no cap)")
-        require(self.negatives >= 1, "negatives", "must be >= 1")
         require(not self.train_from or self.preset == "msrvtt-mc", "train_from",
                 "only multiple choice (msrvtt-mc) trains from another annotation file")
         check_method_names(self.methods, self.method_overrides)
@@ -90,10 +86,6 @@ class RealDataConfig(Config):
             self.video_config()
         except ConfigError as exc:
             raise ConfigError(f"video.{exc}") from None
-        require(self.eval_batch_size >= 1, "eval_batch_size", "must be >= 1")
-        require(self.shard_batches >= 1, "shard_batches", "must be >= 1")
-        require(self.num_workers >= 0, "num_workers", "must be >= 0")
-        require(self.adapt_timing_repeats >= 1, "adapt_timing_repeats", "must be >= 1")
 
     @property
     def task_preset(self) -> TaskPreset:
