@@ -53,6 +53,18 @@ def register(sub: argparse._SubParsersAction) -> None:
     _train_arguments(tr)
     tr.set_defaults(func=_train)
 
+    tu = bsub.add_parser(
+        "tune", help="choose stage-2 hyper-parameters on validation clips (held-out history of seen devices)",
+        description=("Reuses the demo run in --out (stage 1 and feature caches), trains each method's grid of "
+                     "stage-2 settings on the training history and scores it on the validation clips (each seen "
+                     "device's last benchmark.validation_per_device history clips); the real-time clips the report "
+                     "scores are never used. Writes tune.json; put the chosen values into the run config."))
+    tu.add_argument("--out", type=Path, default=Path("runs/demo"), help="the demo's output folder")
+    tu.add_argument("--config", type=Path, default=None, help="run config or packaged name (default: demo)")
+    tu.add_argument("--methods", nargs="*", default=None, help="methods to tune (default: f_hyper duet stablesynth)")
+    add_device_argument(tu)
+    tu.set_defaults(func=_tune)
+
     pay = sub.add_parser(
         "payload", help="bytes up/down and transfer time for the paper's presets (Table 5)",
         description=("For each paper preset: the upload (one 192-float feature) and the download per encoding "
@@ -71,6 +83,14 @@ def _ablate(args: argparse.Namespace) -> int:
         raise ValueError("--seeds must be >= 1")
     cfg = load_run_config(args.config, quick=args.quick)
     run_ablation(cfg, args.out, seeds=args.seeds, only=args.only, device=args.device)
+    return 0
+
+
+def _tune(args: argparse.Namespace) -> int:
+    from stablesynth.bench.tune import run_tuning
+    from stablesynth.experiment.demo import load_run_config
+
+    run_tuning(load_run_config(args.config), args.out, methods=args.methods, device=args.device)
     return 0
 
 

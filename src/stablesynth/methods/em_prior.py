@@ -36,13 +36,16 @@ class EMPrior(FineTune):
 
     name: ClassVar[str] = "em_prior"
     label: ClassVar[str] = "EM prior (on device)"
-    session_causal: ClassVar[bool] = True
-    is_global_head: ClassVar[bool] = False
 
     def __init__(self, cfg: MethodConfig, num_classes: int) -> None:
         super().__init__(cfg, num_classes)
+        # Buffers, so a checkpoint carries what prepare() measured and chose.
         self.register_buffer("train_prior", torch.full((num_classes,), 1.0 / num_classes))
         self.register_buffer("prior_strength", torch.tensor(10.0))
+
+    session_causal: ClassVar[bool] = True
+    #: The same head as Fine-tuning, but not the reference the studies use.
+    is_global_head: ClassVar[bool] = False
 
     def prepare(self, train: FeatureBatch, validation: FeatureBatch | None) -> None:
         """π_train from the training labels; λ chosen on ``validation`` (per-device causal streams)."""
