@@ -24,8 +24,8 @@ from stablesynth.serving.limits import ServeLimits
 from stablesynth.serving.server import CloudModel, create_app, load_cloud_model, save_cloud_model
 
 URL = "/v1/models/easyvqa/adapt"
-LIMITS = ServeLimits(max_header_bytes=4096, header_timeout=0.5, body_timeout=0.5, keep_alive_timeout=1,
-                     limit_concurrency=40)
+LIMITS = ServeLimits(max_header_bytes=4096, header_timeout=0.5, body_timeout=0.5, send_timeout=0.5,
+                     keep_alive_timeout=1, limit_concurrency=40)
 
 
 @pytest.fixture(scope="module")
@@ -154,6 +154,27 @@ def test_idle_partial_head_and_partial_body_connections_are_closed(server: Any) 
     assert closed and time.monotonic() - t0 < 2.0
 
 
+def test_a_client_that_stops_reading_a_large_reply_is_cut_off(server: Any) -> None:
+    """16 MB asked for, nothing read: more than the socket buffers hold waits in the server,
+    which aborts the connection send_timeout (0.5 s) later instead of holding it forever."""
+    s = socket.socket()
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    s.settimeout(5)
+    s.connect(("127.0.0.1", server.port))
+    body = _feature(4).tobytes()
+    s.sendall(b"POST /v1/noop?bytes=16000000 HTTP/1.1\r\nHost: x\r\nContent-Type: application/octet-stream\r\n"
+              b"Content-Length: %d\r\n\r\n" % len(body) + body)
+    time.sleep(2.0)  # not reading
+    closed, data = _closed_within(s, 3.0)
+    s.close()
+    assert closed and data.startswith(b"HTTP/1.1 200")
+    assert len(data) < 16_000_000  # the rest was dropped
+    # A client that reads gets all of it.
+    r = httpx.post(server.url + "/v1/noop?bytes=16000000", content=body,
+                   headers={"Content-Type": "application/octet-stream"}, timeout=10)
+    assert r.status_code == 200 and len(r.content) == 16_000_000
+
+
 def test_oversized_head_gets_431_and_memory_stays_bounded(server: Any) -> None:
     s = _connect(server)
     s.sendall(b"POST /v1/noop HTTP/1.1\r\nHost: x\r\nX-Big: ")
@@ -222,14 +243,17 @@ def _frame_with_header(header: dict, payload: bytes = b"") -> bytes:
     return struct.pack("<4sHII", b"SSYN", protocol.PROTOCOL_VERSION, len(raw), zlib.crc32(raw)) + raw + payload
 
 
+_CRC = {"checksum": "crc32", "payload_checksum": "00000000"}
+
+
 @pytest.mark.parametrize("header", [
-    {"model_id": "m", "model_version": "v", "encoding": "fp32", "payload_length": 0, "payload_sha256": "0",
+    {"model_id": "m", "model_version": "v", "encoding": "fp32", "payload_length": 0, **_CRC,
      "tensors": [{"name": "w", "dtype": ["f32"], "shape": [0]}]},
-    {"model_id": "m", "model_version": "v", "encoding": ["fp32"], "payload_length": 0, "payload_sha256": "0",
+    {"model_id": "m", "model_version": "v", "encoding": ["fp32"], "payload_length": 0, **_CRC,
      "tensors": []},
-    {"model_id": "m", "model_version": "v", "encoding": "fp32", "payload_length": 0, "payload_sha256": "0",
+    {"model_id": "m", "model_version": "v", "encoding": "fp32", "payload_length": 0, **_CRC,
      "tensors": [{"name": "w", "dtype": "f32", "shape": [1e300]}]},
-    {"model_id": "m", "model_version": "v", "encoding": "int8", "payload_length": 4, "payload_sha256": "0",
+    {"model_id": "m", "model_version": "v", "encoding": "int8", "payload_length": 4, **_CRC,
      "tensors": [{"name": "w::scale", "dtype": "f32", "shape": [1]}]},
 ])
 def test_valid_crc_wrong_types_is_a_protocol_error(header: dict) -> None:
@@ -261,6 +285,23 @@ class _Drip:
             sent += len(chunk)
             await asyncio.sleep(self.gap)
         await send({"type": "http.response.body", "body": b""})
+
+
+def test_a_streamed_reply_left_unread_is_cut_off_while_the_app_still_sends(live_server: Any) -> None:
+    """The app streams 1 MB chunks forever; the client reads nothing. The send deadline holds
+    while the reply is still being produced (the keep-alive period never starts)."""
+    limits = ServeLimits(send_timeout=0.5, keep_alive_timeout=60)
+    with live_server(_Drip(0.0), limits=limits) as srv:
+        s = socket.socket()
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        s.settimeout(5)
+        s.connect(("127.0.0.1", srv.port))
+        s.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+        time.sleep(2.0)
+        t0 = time.monotonic()
+        closed, data = _closed_within(s, 5.0)
+        s.close()
+    assert closed and data.startswith(b"HTTP/1.1 200") and time.monotonic() - t0 < 5.0
 
 
 @pytest.fixture(scope="module")

@@ -19,9 +19,11 @@ The load comes from separate worker processes on raw keep-alive sockets
 (:mod:`stablesynth.serving.loadgen`), so the client costs far less than the server and the
 rates are the server's. Each HTTP row sends a fixed number of requests at a fixed
 concurrency under a time cap, after a short warm-up; it reports p50/p99 round trip,
-adaptations/s, errors and the CPU use of server and clients (``/proc/<pid>/stat``). Client
-and server share the machine, so absolute rates are lower bounds; ratios between rows of
-the same run are the meaningful numbers. The last lines give a verdict per goal.
+adaptations/s, errors and the CPU use of server and clients (``/proc/<pid>/stat``), with the
+server's CPU per request split off for its worker thread (model calls, reply encoding; the
+rest is the event loop: HTTP and sending). Client and server share the machine, so absolute
+rates are lower bounds; ratios between rows of the same run are the meaningful numbers. The
+last lines give a verdict per goal.
 """
 
 from __future__ import annotations
@@ -53,6 +55,20 @@ def _cpu_seconds(pid: int) -> float:
     """utime + stime of a process (its threads included), from /proc/<pid>/stat."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / _TICKS
+
+
+def _worker_cpu_seconds(pid: int) -> float:
+    """CPU seconds of the server's threads other than its main (event-loop) thread: the model
+    calls and reply encoding, which run in the batcher's worker thread."""
+    total = 0.0
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        if tid != str(pid):
+            try:
+                fields = Path(f"/proc/{pid}/task/{tid}/stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:  # the thread ended meanwhile
+                continue
+            total += (int(fields[11]) + int(fields[12])) / _TICKS
+    return total
 
 
 def _build_models(checkpoint: Path | None, workdir: Path) -> tuple[list[Path], str, str, Any]:
@@ -174,12 +190,15 @@ def run_serve_benchmark(checkpoint: Path | None, out: Path | None, requests: int
                         n_warm = warmup if warmup is not None else min(requests, max(50, 4 * conc))
                         load.run(path, body, n_warm, conc, time_cap_s)
                         cpu0, ccpu0 = _cpu_seconds(proc.pid), load.cpu_seconds()
+                        wcpu0 = _worker_cpu_seconds(proc.pid)
                         row = load.run(path, body, requests, conc, time_cap_s)
                         # CPU seconds over the load window (connection set-up is outside it but cheap).
                         srv, cli = _cpu_seconds(proc.pid) - cpu0, load.cpu_seconds() - ccpu0
                         wall = max(row["wall_s"], 1e-9)
                         row["server_cpu"], row["client_cpu"] = srv / wall, cli / wall
                         row["server_us_per_req"] = 1e6 * srv / max(row["ok"] + row["errors"], 1)
+                        row["worker_us_per_req"] = (1e6 * (_worker_cpu_seconds(proc.pid) - wcpu0)
+                                                    / max(row["ok"] + row["errors"], 1))
                         results["rows"].append({"name": name, "concurrency": conc, **row})
         finally:
             proc.terminate()
@@ -248,14 +267,15 @@ def verdicts(results: dict[str, Any]) -> list[dict[str, Any]]:
 
 def format_table(results: dict[str, Any]) -> str:
     lines = [f"{'row':<11} {'conc':>4} {'ok':>6} {'err':>4} {'p50 ms':>7} {'p99 ms':>7} {'adapt/s':>8} "
-             f"{'reply B':>8} {'srv CPU':>7} {'srv µs/req':>10} {'cli CPU':>7}"]
+             f"{'reply B':>8} {'srv CPU':>7} {'srv µs/req':>10} {'of which worker':>15} {'cli CPU':>7}"]
     for r in results["rows"]:
         cpu = "" if r.get("server_cpu") is None else f"{r['server_cpu']:.2f}"
         per = "" if r.get("server_us_per_req") is None else f"{r['server_us_per_req']:.0f}"
+        work = "" if r.get("worker_us_per_req") is None else f"{r['worker_us_per_req']:.0f}"
         ccpu = "" if r.get("client_cpu") is None else f"{r['client_cpu']:.2f}"
         lines.append(f"{r['name']:<11} {r['concurrency']:>4} {r['ok']:>6} {r['errors']:>4} "
                      f"{r['p50_ms']:>7.2f} {r['p99_ms']:>7.2f} {r['per_s']:>8.1f} {r['reply_bytes']:>8.0f} "
-                     f"{cpu:>7} {per:>10} {ccpu:>7}")
+                     f"{cpu:>7} {per:>10} {work:>15} {ccpu:>7}")
     for conc, ratio in results.get("ratios", {}).items():
         lines.append(f"c={conc}: " + ", ".join(f"{k} = {v:.2f}" for k, v in ratio.items()))
     for v in results.get("verdicts", []):

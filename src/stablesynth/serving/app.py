@@ -193,13 +193,16 @@ def _negotiate(request: Request, model: CloudModel) -> str:
 
 def create_app(models: Mapping[str, CloudModel], token: str | None = None, max_batch: int = 64,
                max_wait_ms: float = 0.0, max_body_bytes: int = DEFAULT_MAX_BODY,
-               inline_ms: float = 1.0, opentelemetry: bool = False, freeze_gc: bool = False) -> FastAPI:
+               inline_ms: float = 1.0, opentelemetry: bool = False, freeze_gc: bool = False,
+               encode_threads: int = 2) -> FastAPI:
     """The ASGI app serving ``models`` (keyed by model id); see :class:`_Batcher` for the batching knobs.
 
     ``opentelemetry`` keeps FastAPI's OpenTelemetry instrumentation (off by default: it costs
     a provider lookup per request, and the service exports Prometheus metrics at /metrics).
     ``freeze_gc`` tunes the process's garbage collector at start-up (see :func:`_freeze_gc`);
     :func:`serve` turns it on, an app embedded in another process leaves the collector alone.
+    ``encode_threads`` threads expand and encode the uploads of one batch side by side (see
+    :class:`Batcher`); 1 does it in the batch's own worker thread.
     """
     if max_batch < 1:
         raise ValueError(f"max_batch must be >= 1, got {max_batch}")
@@ -213,8 +216,11 @@ def create_app(models: Mapping[str, CloudModel], token: str | None = None, max_b
                             buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256))
     errors_total = Counter("stablesynth_errors", "Error replies", ["code"], registry=registry)
     bytes_out = Counter("stablesynth_reply_bytes", "Bytes of adapt replies", ["encoding"], registry=registry)
+    if encode_threads < 1:
+        raise ValueError(f"encode_threads must be >= 1, got {encode_threads}")
     executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="adapt")
-    batchers = {mid: Batcher(m, max_batch, max_wait_ms, executor, batch_sizes, inline_ms)
+    encoder = ThreadPoolExecutor(encode_threads, thread_name_prefix="encode") if encode_threads > 1 else None
+    batchers = {mid: Batcher(m, max_batch, max_wait_ms, executor, batch_sizes, inline_ms, encoder)
                 for mid, m in models.items()}
     reply_counters: dict[str, Any] = {}
     state = {"ready": False}
@@ -233,6 +239,8 @@ def create_app(models: Mapping[str, CloudModel], token: str | None = None, max_b
             for b in batchers.values():
                 await b.stop()
             executor.shutdown(wait=False, cancel_futures=True)
+            if encoder is not None:
+                encoder.shutdown(wait=False, cancel_futures=True)
 
     extra: dict[str, Any] = {}
     if not opentelemetry and "telemetry" in inspect.signature(FastAPI.__init__).parameters:

@@ -19,8 +19,11 @@ from typing import Any
 import torch
 from prometheus_client import Histogram
 
-from stablesynth.serving import protocol
+from stablesynth.serving.framing import FrameWriter
 from stablesynth.serving.model import CloudModel
+
+#: What a model call raises for an upload it cannot adapt to (overflow, a non-finite value...).
+_MODEL_ERRORS = (ValueError, RuntimeError, FloatingPointError)
 
 
 class OutputError(ValueError):
@@ -51,18 +54,22 @@ class Batcher:
     the batch size) is below ``inline_ms`` run on the event loop itself: a sub-millisecond
     model call is cheaper than the two thread hand-offs around it. Larger calls run in the
     single worker thread, where PyTorch and hashing release the GIL and the loop keeps
-    reading requests.
+    reading requests. With an ``encoder`` pool, the uploads of a batch whose Θ_d is expanded
+    upload by upload are expanded and encoded by its threads side by side (both release the
+    GIL for the passes over Θ_d), so a reply's CPU work is not bound to one core.
     """
 
     def __init__(self, model: CloudModel, max_batch: int, max_wait_ms: float, executor: ThreadPoolExecutor,
-                 batch_hist: Histogram, inline_ms: float = 1.0) -> None:
+                 batch_hist: Histogram, inline_ms: float = 1.0, encoder: ThreadPoolExecutor | None = None) -> None:
         self.model = model
         self.max_batch = max_batch
         self.max_wait = max_wait_ms / 1000.0
         self.executor = executor
         self.batch_hist = batch_hist
         self.inline_s = inline_ms / 1000.0
+        self.encoder = encoder
         self.pending: collections.deque[_Pending] = collections.deque()
+        self.writers: dict[str, FrameWriter] = {}
         self.cost: dict[str, float] = {}  # running mean of seconds per upload, by encoding
         self.scheduled = False
         self.busy = False
@@ -160,15 +167,36 @@ class Batcher:
 
     def _frames(self, uploads: list[torch.Tensor], encoding: str) -> list[memoryview | Exception]:
         """One frame or :class:`OutputError` per upload. If the batched call fails as a whole,
-        each upload is computed alone, so one bad upload never fails its batch-mates."""
+        each upload is computed alone, so one bad upload never fails its batch-mates.
+
+        Θ_d of a generator method is expanded and encoded upload by upload
+        (:meth:`CloudModel.compute_each`): each is converted and checksummed while it is in the
+        CPU cache. Small outputs (factors, driver) are encoded for the whole batch at once."""
+        writer = self.writers.get(encoding)
+        if writer is None:
+            writer = self.writers[encoding] = FrameWriter(encoding, self.model.model_id, self.model.version)
+        stacked = torch.stack(uploads)
         try:
-            tensors = self.model.compute_batch(torch.stack(uploads), encoding)
-        except (ValueError, RuntimeError, FloatingPointError) as exc:
+            if not self.model.expands_each(encoding):
+                frames = writer.write_batch(self.model.compute_batch(stacked, encoding))
+                return [OutputError(str(f)) if isinstance(f, ValueError) else f for f in frames]
+            each = self.model.compute_each(stacked, encoding)
+        except _MODEL_ERRORS as exc:
             if len(uploads) == 1:
                 return [OutputError(f"the model cannot adapt to this upload: {exc}")]
             return [f for u in uploads for f in self._frames([u], encoding)]
-        frames = protocol.encode_batch(tensors, encoding, self.model.model_id, self.model.version)
-        return [OutputError(str(f)) if isinstance(f, ValueError) else f for f in frames]
+
+        def one(i: int) -> memoryview | Exception:
+            try:
+                tensors = {k: v[0] for k, v in each(i).items()}
+            except _MODEL_ERRORS as exc:
+                return OutputError(f"the model cannot adapt to this upload: {exc}")
+            frame = writer.write(tensors)
+            return OutputError(str(frame)) if isinstance(frame, ValueError) else frame
+
+        if self.encoder is None or len(uploads) == 1:
+            return [one(i) for i in range(len(uploads))]
+        return list(self.encoder.map(one, range(len(uploads))))
 
 
 def _deliver(batch: list[_Pending], frames: list[memoryview | Exception]) -> None:

@@ -60,6 +60,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                             "in a worker thread (default 1.0)")
     serve.add_argument("--torch-threads", type=int, default=1,
                        help="PyTorch intra-op threads (default 1; scale out with more processes instead)")
+    serve.add_argument("--encode-threads", type=int, default=2,
+                       help="threads expanding and encoding the Θ_d replies of a batch side by side (default 2)")
     serve.add_argument("--model-id", default=None,
                        help="serve under this id (one checkpoint only; default: the manifest's)")
     serve.add_argument("--workers", type=int, default=1,
@@ -70,6 +72,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                        help="seconds a connection has to send a request's head (default 10)")
     serve.add_argument("--body-timeout", type=float, default=10.0,
                        help="seconds a request has to send its body after the head (default 10)")
+    serve.add_argument("--send-timeout", type=float, default=10.0,
+                       help="seconds a client may leave a reply unread before the connection is aborted (default 10)")
     serve.add_argument("--keep-alive", type=int, default=5,
                        help="seconds an idle keep-alive connection is kept (default 5)")
     serve.add_argument("--max-header-bytes", type=int, default=16 * 1024,
@@ -131,12 +135,13 @@ def _serve(args: argparse.Namespace) -> int:
     from stablesynth.serving.server import ServeSpec, load_models, serve_checkpoints
 
     limits = ServeLimits(max_header_bytes=args.max_header_bytes, header_timeout=args.header_timeout,
-                         body_timeout=args.body_timeout, keep_alive_timeout=args.keep_alive,
+                         body_timeout=args.body_timeout, send_timeout=args.send_timeout,
+                         keep_alive_timeout=args.keep_alive,
                          limit_concurrency=args.limit_concurrency)
     device = _resolve_device(args.device)
     spec = ServeSpec([str(c) for c in args.checkpoint], args.model_id, device,
                      resolve_token(args.token, args.token_file), args.max_batch, args.max_wait_ms,
-                     args.inline_ms, args.torch_threads, limits.__dict__.copy())
+                     args.inline_ms, args.torch_threads, limits.__dict__.copy(), args.encode_threads)
     models = load_models(spec.checkpoints, spec.model_id, device)  # validates before any worker starts
     for m in models.values():
         print(f"serving {m.model_id}@{m.version} ({m.method_name}, K={m.num_classes}, {device}) "

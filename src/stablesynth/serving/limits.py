@@ -10,9 +10,15 @@ never finishes its headers or its body forever, and buffers headers of any size.
   exceed ``max_header_bytes`` (431, connection closed; memory held is bounded by the cap
   plus one socket read);
 - the body must arrive within ``body_timeout`` seconds of the end of the head;
-- otherwise the connection is closed (the app sees a disconnect).
+- otherwise the connection is closed (the app sees a disconnect);
+- a reply the client stops reading is bounded too: whenever more than the transport's
+  high-water mark (64 KiB) of it waits to be sent, or any of it is still unsent when the
+  keep-alive period ends, the client must read within ``send_timeout`` seconds (from high
+  to low water, i.e. the deadline is between two reads, like nginx's ``send_timeout``),
+  else the connection is aborted and the unsent bytes are dropped. Without this a client
+  that stops reading would hold its connection and a 582 KB reply forever.
 
-All of this happens before the app runs, so before the bearer token is checked.
+The read limits act before the app runs, so before the bearer token is checked.
 """
 
 from __future__ import annotations
@@ -34,13 +40,14 @@ class ServeLimits:
     max_header_bytes: int = 16 * 1024
     header_timeout: float = 10.0
     body_timeout: float = 10.0
+    send_timeout: float = 10.0
     keep_alive_timeout: int = 5
     #: Open connections or running requests beyond which new requests get 503 (load shedding).
     limit_concurrency: int = 1024
     backlog: int = 1024
 
     def __post_init__(self) -> None:
-        if self.max_header_bytes < 1024 or min(self.header_timeout, self.body_timeout) <= 0 \
+        if self.max_header_bytes < 1024 or min(self.header_timeout, self.body_timeout, self.send_timeout) <= 0 \
                 or self.keep_alive_timeout < 1 or self.limit_concurrency < 1:
             raise ValueError(f"invalid serving limits: {self}")
 
@@ -64,12 +71,13 @@ def _error_response(status: int, reason: str, code: str, detail: str) -> bytes:
 
 
 class GuardedHttpProtocol(HttpToolsProtocol):
-    """uvicorn's httptools protocol with a header cap and head/body read deadlines."""
+    """uvicorn's httptools protocol with a header cap, head/body read deadlines and a send deadline."""
 
     def __init__(self, config: uvicorn.Config, *args: Any, **kwargs: Any) -> None:
         super().__init__(config, *args, **kwargs)
         self.limits: ServeLimits = getattr(config, "limits", None) or ServeLimits()
         self._timer: asyncio.TimerHandle | None = None
+        self._send_timer: asyncio.TimerHandle | None = None
         self._in_head = True
         self._head_bytes = 0
         self._rejected = False
@@ -89,6 +97,20 @@ class GuardedHttpProtocol(HttpToolsProtocol):
         if self.transport is not None and not self.transport.is_closing():
             self.transport.close()
 
+    def _arm_send(self) -> None:
+        if self._send_timer is None:
+            self._send_timer = self.loop.call_later(self.limits.send_timeout, self._send_expired)
+
+    def _disarm_send(self) -> None:
+        if self._send_timer is not None:
+            self._send_timer.cancel()
+            self._send_timer = None
+
+    def _send_expired(self) -> None:
+        self._send_timer = None
+        if self.transport is not None:
+            self.transport.abort()  # close() would wait for the client to read what is buffered
+
     def _reject(self, status: int, reason: str, code: str, detail: str) -> None:
         self._rejected = True
         self._disarm()
@@ -103,7 +125,22 @@ class GuardedHttpProtocol(HttpToolsProtocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._disarm()
+        self._disarm_send()
         super().connection_lost(exc)
+
+    def pause_writing(self) -> None:
+        """The reply waiting in the transport exceeds the high-water mark: the client must read."""
+        super().pause_writing()
+        self._arm_send()
+
+    def resume_writing(self) -> None:
+        self._disarm_send()
+        super().resume_writing()
+
+    def timeout_keep_alive_handler(self) -> None:
+        if not self.transport.is_closing() and self.transport.get_write_buffer_size():
+            self._arm_send()  # closing waits for the unsent bytes: bound that wait as well
+        super().timeout_keep_alive_handler()
 
     def data_received(self, data: bytes) -> None:
         if self._rejected:

@@ -8,7 +8,7 @@ weights and config, so the version a device pins identifies exactly what it gets
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -19,6 +19,7 @@ from stablesynth import checkpoint
 from stablesynth.checkpoint import METHOD_KIND, CheckpointError, check_safe_name
 from stablesynth.methods import build_method
 from stablesynth.methods.base import Method
+from stablesynth.methods.baselines import HyperMethod
 from stablesynth.serving.protocol import ENCODINGS, PARAM_ENCODINGS
 
 
@@ -72,6 +73,35 @@ class CloudModel:
             else:
                 raise ValueError(f"unknown encoding {encoding!r}")
         return out
+
+    def expands_each(self, encoding: str) -> bool:
+        """Whether :meth:`compute_each` expands Θ_d upload by upload (see there)."""
+        return (encoding in PARAM_ENCODINGS and getattr(self.method, "generator", None) is not None
+                and type(self.method).adapt is HyperMethod.adapt and self.device.type == "cpu")
+
+    def compute_each(self, uploads: torch.Tensor, encoding: str) -> Callable[[int], dict[str, torch.Tensor]]:
+        """What to send for each upload, as a function of ``i`` giving ``{name: [1, *shape]}`` on the CPU.
+
+        Θ_d is large (582 KB per upload at K = 1501, 37 MB for a batch of 64): written out for a
+        whole batch it leaves the CPU cache and costs fresh memory (page faults) before it is
+        even encoded. So when :meth:`expands_each` (the Θ_d encodings of a generator method on
+        the CPU), the driver and the generator's factors are computed for the whole batch, one
+        call each, and upload ``i``'s Θ_d is expanded only when asked for, to be encoded and
+        checksummed while it is still in the cache. Otherwise this is :meth:`compute_batch`.
+        Errors of the batched part are raised here, those of one upload's expansion by its call.
+        """
+        if self.expands_each(encoding):
+            gen = self.method.generator
+            with torch.inference_mode():
+                factors = gen.factors(self.method.driver(uploads.cpu()))
+
+            def expand(i: int) -> dict[str, torch.Tensor]:
+                with torch.inference_mode():
+                    return gen.expand({k: v[i:i + 1] for k, v in factors.items()})
+
+            return expand
+        out = {k: v.to("cpu") for k, v in self.compute_batch(uploads, encoding).items()}
+        return lambda i: {k: v[i:i + 1] for k, v in out.items()}
 
     def describe(self) -> dict[str, Any]:
         gen = getattr(self.method, "generator", None)

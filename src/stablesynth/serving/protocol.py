@@ -7,13 +7,20 @@ A reply is one self-describing frame::
     hlen      u32   length of the JSON header in bytes
     hcrc      u32   CRC32 of the JSON header bytes
     header    hlen  UTF-8 JSON: model_id, model_version, encoding, tensors
-                    [{name, dtype, shape}], payload_length, payload_sha256
+                    [{name, dtype, shape}], payload_length, checksum,
+                    payload_checksum; then spaces up to a multiple of 16 bytes
     payload         the tensors' bytes, little-endian, concatenated in header order
 
 The header has its own CRC so a flipped byte in it is reported as a checksum
-failure instead of being parsed into a plausible but wrong description; the
-payload is covered by SHA-256. Every failure is a :class:`ProtocolError`
-subclass; :func:`decode` never returns a tensor it has not verified.
+failure instead of being parsed into a plausible but wrong description. The
+payload is covered by the checksum the header names (:data:`CHECKSUMS`):
+``crc32`` (8 hex digits; what the server sends: it detects every error burst of up
+to 32 bits and any other corruption with probability 1 − 2⁻³², and costs a
+third of SHA-256) or ``sha256`` (64 hex digits). Neither authenticates the
+sender: an unkeyed digest can be recomputed by whoever alters the bytes, which
+TLS prevents. Protocol version 1 carried ``payload_sha256`` only; this build
+speaks version 2 alone. Every failure is a :class:`ProtocolError` subclass;
+:func:`decode` never returns a tensor it has not verified.
 
 Encodings and their maximum error against the fp32 tensors the cloud computed:
 
@@ -37,7 +44,6 @@ see :mod:`stablesynth.serving.uploads`.
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import json
 import math
@@ -61,7 +67,7 @@ from stablesynth.serving.uploads import (  # noqa: F401
 )
 
 MAGIC: Final = b"SSYN"
-PROTOCOL_VERSION: Final = 1
+PROTOCOL_VERSION: Final = 2
 MEDIA_TYPE: Final = "application/vnd.stablesynth"
 #: A header describes a handful of tensors; anything larger is not one of ours.
 MAX_HEADER_BYTES: Final = 64 * 1024
@@ -83,6 +89,23 @@ _DTYPES: Final[dict[str, np.dtype]] = {
 }
 _SCALE_SUFFIX: Final = "::scale"
 FP16_MAX: Final = 65504.0
+#: Payload checksums a frame may name, and the hex digits of each.
+CHECKSUMS: Final[dict[str, int]] = {"crc32": 8, "sha256": 64}
+DEFAULT_CHECKSUM: Final = "crc32"
+#: The header is padded with spaces so the payload starts at a multiple of this many bytes.
+PAYLOAD_ALIGN: Final = 16
+_HEX: Final = frozenset("0123456789abcdef")
+_HEADER_KEYS: Final = frozenset({"model_id", "model_version", "encoding", "tensors", "payload_length",
+                                 "checksum", "payload_checksum"})
+
+
+def payload_checksum(algorithm: str, payload: bytes | memoryview) -> str:
+    """The hex checksum of ``payload`` under ``algorithm`` (one of :data:`CHECKSUMS`)."""
+    if algorithm == "crc32":
+        return f"{zlib.crc32(payload):08x}"
+    if algorithm == "sha256":
+        return hashlib.sha256(payload).hexdigest()
+    raise ValueError(f"unknown checksum {algorithm!r} (known: {', '.join(CHECKSUMS)})")
 
 
 class ProtocolError(ValueError):
@@ -102,7 +125,7 @@ class ModelMismatch(ProtocolError):  # noqa: N818 (names from the protocol spec)
 
 
 class ChecksumMismatch(ProtocolError):  # noqa: N818 (names from the protocol spec)
-    """Header CRC32 or payload SHA-256 differs: the bytes were corrupted."""
+    """Header CRC32 or payload checksum differs: the bytes were corrupted."""
 
 
 class Truncated(ProtocolError):  # noqa: N818 (names from the protocol spec)
@@ -132,7 +155,8 @@ class Header:
     encoding: str
     tensors: tuple[TensorInfo, ...]
     payload_length: int
-    payload_sha256: str
+    checksum: str
+    payload_checksum: str
 
     def to_json(self) -> bytes:
         return json.dumps({
@@ -141,139 +165,48 @@ class Header:
             "encoding": self.encoding,
             "tensors": [{"name": t.name, "dtype": t.dtype, "shape": list(t.shape)} for t in self.tensors],
             "payload_length": self.payload_length,
-            "payload_sha256": self.payload_sha256,
+            "checksum": self.checksum,
+            "payload_checksum": self.payload_checksum,
         }, separators=(",", ":"), sort_keys=True).encode("utf-8")
 
 
 # ----------------------------------------------------------------------------- encode
 
 
-def _to_numpy(t: torch.Tensor | np.ndarray) -> np.ndarray:
-    if isinstance(t, torch.Tensor):
-        t = t.detach()
-        if t.dtype != torch.float32 or t.device.type != "cpu":
-            t = t.to("cpu", torch.float32)
-        t = t.numpy()
-    return np.ascontiguousarray(t, dtype=np.float32)
-
-
-_DIGEST_PLACEHOLDER: Final = b'"payload_sha256":"' + b"0" * 64 + b'"'
-
-
-@functools.lru_cache(maxsize=256)
-def _header_template(model_id: str, model_version: str, encoding: str, infos: tuple[TensorInfo, ...],
-                     length: int) -> bytes:
-    """The header JSON with a placeholder digest; a SHA-256 hex digest always has 64 characters,
-    so the real one replaces it without changing the header's length. (Inside a JSON string a
-    quote is escaped, so the unescaped key-value placeholder can only be the key itself.)"""
-    hjson = Header(PROTOCOL_VERSION, model_id, model_version, encoding, infos, length, "0" * 64).to_json()
-    if hjson.count(_DIGEST_PLACEHOLDER) != 1:
-        raise RuntimeError("header placeholder is not unique")
-    return hjson
-
-
-def _payload_parts(arrays: Mapping[str, np.ndarray], encoding: str,
-                   batch: int) -> tuple[list[tuple[TensorInfo, np.ndarray]], list[str | None]]:
-    """The frame's tensors as ``(info, [B, n] array in the wire dtype)`` and, per sample, why
-    it cannot be sent (None when it can). Every conversion runs once over the whole batch."""
-    parts: list[tuple[TensorInfo, np.ndarray]] = []
-    why: list[str | None] = [None] * batch
-    for name, a in arrays.items():
-        if _SCALE_SUFFIX in name:
-            raise ValueError(f"tensor name {name!r} may not contain {_SCALE_SUFFIX!r}")
-        flat = a.reshape(batch, -1)
-        bad = ~np.isfinite(flat).all(axis=1) if flat.size else np.zeros(batch, bool)
-        for i in np.flatnonzero(bad):
-            why[i] = why[i] or f"tensor {name!r} has NaN or Inf; refusing to send it"
-        shape = a.shape[1:]
-        if encoding == "fp16":
-            with np.errstate(invalid="ignore"):
-                big = np.abs(flat).max(axis=1, initial=0.0) > FP16_MAX
-            for i in np.flatnonzero(big & ~bad):
-                why[i] = why[i] or f"tensor {name!r} exceeds the fp16 range (±{FP16_MAX:g}); use fp32 or int8"
-            # PyTorch converts with the CPU's F16C instructions, several times faster than numpy.
-            parts.append((TensorInfo(name, "f16", shape), torch.from_numpy(flat).to(torch.float16).numpy()))
-        elif encoding == "int8":
-            shape = shape or (1,)
-            rows = flat.reshape(batch, math.prod(shape[:-1]), shape[-1])
-            t = torch.from_numpy(rows)
-            scale_t = t.abs().amax(dim=2) / 127.0 if rows.shape[2] else t.new_zeros(rows.shape[:2])
-            safe = torch.where(scale_t > 0, scale_t, torch.ones_like(scale_t))
-            q_t = torch.nan_to_num(torch.div(t, safe.unsqueeze(2)).round_().clamp_(-127, 127))
-            q = q_t.to(torch.int8).reshape(batch, -1).numpy()
-            scale = scale_t.numpy()
-            parts.append((TensorInfo(name, "i8", shape), q))
-            parts.append((TensorInfo(name + _SCALE_SUFFIX, "f32", (scale.shape[1],)), scale))
-        else:
-            parts.append((TensorInfo(name, "f32", shape), flat))
-    return parts, why
-
-
 def encode_batch(tensors: Mapping[str, torch.Tensor | np.ndarray], encoding: str, model_id: str,
-                 model_version: str) -> list[memoryview | ValueError]:
+                 model_version: str, checksum: str = DEFAULT_CHECKSUM) -> list[memoryview | ValueError]:
     """One frame per sample of batched tensors ``{name: [B, *shape]}``, equal to :func:`encode` of each.
 
-    The whole batch is converted with one vectorised pass per tensor, written into one buffer
-    (every frame is a view of it) and the header is built once. A sample that cannot be sent
-    (NaN/Inf, beyond the fp16 range) gets its ``ValueError`` in its place instead of failing
-    the others.
+    A sample that cannot be sent (NaN/Inf, beyond the fp16 range) gets its ``ValueError`` in
+    its place instead of failing the others. Each frame is a view of its own buffer (see
+    :mod:`stablesynth.serving.framing`).
     """
-    if encoding not in ENCODINGS:
-        raise ValueError(f"unknown encoding {encoding!r} (known: {', '.join(ENCODINGS)})")
-    arrays = {name: _to_numpy(t) for name, t in tensors.items()}
-    sizes = {a.shape[0] if a.ndim else -1 for a in arrays.values()}
-    if len(sizes) != 1 or -1 in sizes:
-        raise ValueError("batched tensors need one shared leading batch dimension")
-    batch = sizes.pop()
-    if batch == 0:
-        return []
-    parts, why = _payload_parts(arrays, encoding, batch)
-    infos = tuple(info for info, _ in parts)
-    length = sum(info.nbytes for info in infos)
-    template = _header_template(str(model_id), str(model_version), encoding, infos, length)
-    start = PREFIX_BYTES + len(template)
-    size = start + length
-    buf = bytearray(size * batch)
-    rows = np.frombuffer(buf, np.uint8).reshape(batch, size)
-    pos = start
-    for info, flat in parts:
-        if info.nbytes:
-            rows[:, pos:pos + info.nbytes].view(_DTYPES[info.dtype])[...] = flat
-        pos += info.nbytes
-    view = memoryview(buf)
-    out: list[memoryview | ValueError] = []
-    for i in range(batch):
-        if why[i] is not None:
-            out.append(ValueError(why[i]))
-            continue
-        base = i * size
-        digest = hashlib.sha256(view[base + start:base + size]).hexdigest()
-        hjson = template.replace(_DIGEST_PLACEHOLDER, b'"payload_sha256":"' + digest.encode("ascii") + b'"', 1)
-        _PREFIX.pack_into(buf, base, MAGIC, PROTOCOL_VERSION, len(hjson), zlib.crc32(hjson))
-        buf[base + PREFIX_BYTES:base + start] = hjson
-        out.append(view[base:base + size])
-    return out
+    from stablesynth.serving.framing import FrameWriter
+
+    return FrameWriter(encoding, model_id, model_version, checksum).write_batch(tensors)
 
 
 def encode_view(tensors: Mapping[str, torch.Tensor | np.ndarray], encoding: str, model_id: str,
-                model_version: str) -> memoryview:
+                model_version: str, checksum: str = DEFAULT_CHECKSUM) -> memoryview:
     """:func:`encode` without the final copy: the frame as a view of the buffer it was built in."""
-    frame = encode_batch({k: _to_numpy(v)[None] for k, v in tensors.items()}, encoding, model_id,
-                         model_version)[0]
+    from stablesynth.serving.framing import FrameWriter
+
+    frame = FrameWriter(encoding, model_id, model_version, checksum).write(tensors)
     if isinstance(frame, ValueError):
         raise frame
     return frame
 
 
 def encode(tensors: Mapping[str, torch.Tensor | np.ndarray], encoding: str, model_id: str,
-           model_version: str) -> bytes:
+           model_version: str, checksum: str = DEFAULT_CHECKSUM) -> bytes:
     """Serialize ``tensors`` (float, any shapes) as one frame in ``encoding``.
 
     For ``fp32``/``fp16``/``int8`` the tensors are Θ_d (``weight``, ``bias``); for
     ``factors`` the generator's factors; for ``driver`` ``{"driver": d}``. The
-    latter two always travel as fp32.
+    latter two always travel as fp32. ``checksum`` names the payload checksum
+    (:data:`CHECKSUMS`).
     """
-    return bytes(encode_view(tensors, encoding, model_id, model_version))
+    return bytes(encode_view(tensors, encoding, model_id, model_version, checksum))
 
 
 # ----------------------------------------------------------------------------- decode
@@ -286,14 +219,18 @@ def _parse_header(raw: bytes) -> Header:
         raise BadHeader(f"header is not JSON: {exc}") from None
     if not isinstance(obj, dict):
         raise BadHeader("header is not a JSON object")
-    try:
-        model_id, model_version = obj["model_id"], obj["model_version"]
-        encoding, tensors = obj["encoding"], obj["tensors"]
-        length, digest = obj["payload_length"], obj["payload_sha256"]
-    except KeyError as exc:
-        raise BadHeader(f"header lacks {exc.args[0]!r}") from None
+    if set(obj) != _HEADER_KEYS:
+        missing, extra = sorted(_HEADER_KEYS - set(obj)), sorted(set(obj) - _HEADER_KEYS)
+        raise BadHeader(f"header fields: missing {missing}, unexpected {extra}")
+    model_id, model_version = obj["model_id"], obj["model_version"]
+    encoding, tensors = obj["encoding"], obj["tensors"]
+    length, algorithm, digest = obj["payload_length"], obj["checksum"], obj["payload_checksum"]
     if not (isinstance(model_id, str) and isinstance(model_version, str) and isinstance(digest, str)):
-        raise BadHeader("model_id, model_version and payload_sha256 must be strings")
+        raise BadHeader("model_id, model_version and payload_checksum must be strings")
+    if not isinstance(algorithm, str) or algorithm not in CHECKSUMS:
+        raise BadHeader(f"unknown checksum {algorithm!r}")
+    if len(digest) != CHECKSUMS[algorithm] or not _HEX.issuperset(digest):
+        raise BadHeader(f"payload_checksum is not {CHECKSUMS[algorithm]} lower-case hex digits")
     if not isinstance(encoding, str) or encoding not in ENCODINGS:
         raise BadHeader(f"unknown encoding {encoding!r}")
     if not isinstance(length, int) or isinstance(length, bool) or length < 0:
@@ -319,7 +256,7 @@ def _parse_header(raw: bytes) -> Header:
         raise BadHeader("duplicate tensor names")
     if sum(i.nbytes for i in infos) != length:
         raise BadHeader("tensor sizes do not add up to payload_length")
-    return Header(PROTOCOL_VERSION, model_id, model_version, encoding, tuple(infos), length, digest)
+    return Header(PROTOCOL_VERSION, model_id, model_version, encoding, tuple(infos), length, algorithm, digest)
 
 
 def decode_header(data: bytes) -> tuple[Header, int]:
@@ -382,8 +319,8 @@ def _decode(data: bytes, expect_model_id: str | None,
     if available > header.payload_length:
         raise BadHeader(f"{available - header.payload_length} bytes after the payload")
     payload = memoryview(data)[offset:]
-    if hashlib.sha256(payload).hexdigest() != header.payload_sha256:
-        raise ChecksumMismatch("payload SHA-256 mismatch")
+    if payload_checksum(header.checksum, payload) != header.payload_checksum:
+        raise ChecksumMismatch(f"payload {header.checksum} mismatch")
     arrays: dict[str, np.ndarray] = {}
     pos = 0
     for info in header.tensors:
