@@ -11,8 +11,8 @@ Each frame is fused with the question on its own: the sequence is
 after the final norm (and All-in-One's ``tanh(Linear)`` pooler), so
 ``forward(frames [B, F, 3, S, S], input_ids [B, L], attention_mask [B, L]) -> [B, F, 192]``.
 
-Presets are registered by name (``allinone-ti``, ``allinone-cpu``, ``allinone-test``);
-build one with :func:`create_model`. Weights load from local files only.
+Presets are registered by name (``allinone-ti``, ``allinone-cpu``, ``allinone-cpu-stem``,
+``allinone-test``); build one with :func:`create_model`. Weights load from local files only.
 """
 
 from __future__ import annotations
@@ -20,10 +20,11 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 import torch
 import torch.nn.functional as F
+from pydantic import Field, StrictInt
 
 from stablesynth.config import Config, require
 from stablesynth.models.vit import TEXT_TYPE as TEXT_TYPE
@@ -31,7 +32,7 @@ from stablesynth.models.vit import VIDEO_TYPE as VIDEO_TYPE
 from stablesynth.models.vit import Attention as Attention
 from stablesynth.models.vit import Block as Block
 from stablesynth.models.vit import Mlp as Mlp
-from stablesynth.models.vit import MultimodalEncoder
+from stablesynth.models.vit import MultimodalEncoder, stem_problem
 from stablesynth.models.vit import PatchEmbed as PatchEmbed
 from stablesynth.models.vit import Pooler as Pooler
 from stablesynth.models.vit import TextEmbeddings as TextEmbeddings
@@ -70,6 +71,9 @@ class EncoderConfig(Config):
     freeze_word_embeddings: bool = False
     #: Optional local timm/DeiT state dict loaded when the model is built ("" = none).
     vision_weights: str = ""
+    #: Convolutional stem: one 3×3 stride-2 conv + GELU per entry before the patch projection
+    #: (empty = DeiT's plain patchify, timm's parameter names; see models/vit.py PatchEmbed).
+    stem_channels: Annotated[tuple[StrictInt, ...], Field(strict=False)] = ()
 
     def check(self) -> None:
         for key in ("image_size", "patch_size", "in_chans", "width", "depth", "num_heads", "vocab_size",
@@ -82,6 +86,8 @@ class EncoderConfig(Config):
         require(self.mlp_ratio > 0, "mlp_ratio", f"must be > 0, got {self.mlp_ratio}")
         require(0.0 <= self.drop_rate < 1.0, "drop_rate", f"must be in [0, 1), got {self.drop_rate}")
         require(self.layer_norm_eps > 0, "layer_norm_eps", "must be > 0")
+        problem = stem_problem(self.patch_size, self.stem_channels)
+        require(not problem, "stem_channels", problem)
 
     @property
     def num_patches(self) -> int:
@@ -96,6 +102,12 @@ ENCODERS.register("allinone-ti")(EncoderConfig(
 ENCODERS.register("allinone-cpu")(EncoderConfig(
     image_size=32, patch_size=8, depth=4, num_heads=3, width=192, mlp_ratio=4.0, word_dim=384,
     max_text_len=16, pretrained_text=True, freeze_word_embeddings=True))
+# The CPU encoder that stage 0 pretrains (training/stage0.py): 2 layers behind a small conv
+# stem (3×3 stride-2 convs 3→32→64, then 2×2 patches of the 8×8 map: the same 16 tokens).
+# Cheaper per step than allinone-cpu and it learns shapes, which plain 8-px patches do not.
+ENCODERS.register("allinone-cpu-stem")(EncoderConfig(
+    image_size=32, patch_size=8, depth=2, num_heads=3, width=192, mlp_ratio=4.0, word_dim=384,
+    max_text_len=16, pretrained_text=True, freeze_word_embeddings=True, stem_channels=(32, 64)))
 # Tiny but still 192 wide, so its features have the shape every other part expects.
 ENCODERS.register("allinone-test")(EncoderConfig(
     image_size=16, patch_size=8, depth=1, num_heads=3, width=192, mlp_ratio=1.0, word_dim=192,

@@ -44,6 +44,9 @@ class ViTSpec:
     layer_norm_eps: float = 1e-6
     use_pooler: bool = True
     freeze_word_embeddings: bool = False
+    #: Channels of an optional convolutional stem before the patch projection (empty: DeiT's
+    #: plain patchify). Each entry is a 3×3 stride-2 conv + GELU; see :class:`PatchEmbed`.
+    stem_channels: tuple[int, ...] = ()
 
     def check(self) -> None:
         for key in ("image_size", "patch_size", "in_chans", "width", "depth", "num_heads", "vocab_size",
@@ -54,19 +57,52 @@ class ViTSpec:
             raise ValueError(f"patch_size: {self.patch_size} does not divide image_size {self.image_size}")
         if self.width % self.num_heads:
             raise ValueError(f"num_heads: {self.num_heads} does not divide width {self.width}")
+        problem = stem_problem(self.patch_size, self.stem_channels)
+        if problem:
+            raise ValueError(f"stem_channels: {problem}")
 
     @property
     def num_patches(self) -> int:
         return (self.image_size // self.patch_size) ** 2
 
 
+def stem_problem(patch_size: int, stem_channels: tuple[int, ...] | list[int]) -> str:
+    """Why ``stem_channels`` does not fit ``patch_size`` ("" when it does)."""
+    if any(c < 1 for c in stem_channels):
+        return f"every entry must be >= 1, got {list(stem_channels)}"
+    stride = 2 ** len(stem_channels)
+    if patch_size % stride:
+        return f"{len(stem_channels)} stride-2 convs (×{stride}) do not divide patch_size {patch_size}"
+    return ""
+
+
 class PatchEmbed(nn.Module):
-    def __init__(self, image_size: int, patch_size: int, in_chans: int, width: int) -> None:
+    """Image → ``[B, patches, width]`` tokens.
+
+    Without a stem this is DeiT's patchify (``proj``: a ``patch_size`` conv of stride
+    ``patch_size``). With ``stem_channels`` (Xiao et al. 2021, "Early convolutions help
+    transformers see better") each entry adds a 3×3 stride-2 conv + GELU (``stem.{2i}``),
+    and ``proj`` patchifies the stem's map with the remaining stride, so the token grid is
+    the same. Existing presets have no stem and keep timm's parameter names.
+    """
+
+    def __init__(self, image_size: int, patch_size: int, in_chans: int, width: int,
+                 stem_channels: tuple[int, ...] | list[int] = ()) -> None:
         super().__init__()
         self.image_size = image_size
-        self.proj = nn.Conv2d(in_chans, width, kernel_size=patch_size, stride=patch_size)
+        chans = in_chans
+        if stem_channels:
+            layers: list[nn.Module] = []
+            for c in stem_channels:
+                layers += [nn.Conv2d(chans, c, kernel_size=3, stride=2, padding=1), nn.GELU()]
+                chans = c
+            self.stem = nn.Sequential(*layers)
+        rest = patch_size // 2 ** len(stem_channels)
+        self.proj = nn.Conv2d(chans, width, kernel_size=rest, stride=rest)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if hasattr(self, "stem"):
+            x = self.stem(x)
         return self.proj(x).flatten(2).transpose(1, 2)
 
 
@@ -146,7 +182,8 @@ class MultimodalEncoder(nn.Module):
         super().__init__()
         cfg.check()
         self.cfg = cfg
-        self.patch_embed = PatchEmbed(cfg.image_size, cfg.patch_size, cfg.in_chans, cfg.width)
+        self.patch_embed = PatchEmbed(cfg.image_size, cfg.patch_size, cfg.in_chans, cfg.width,
+                                      tuple(getattr(cfg, "stem_channels", ())))
         self.cls_token = nn.Parameter(torch.zeros(1, 1, cfg.width))
         self.pos_embed = nn.Parameter(torch.zeros(1, 1 + cfg.num_patches, cfg.width))
         self.pos_drop = nn.Dropout(cfg.drop_rate)
