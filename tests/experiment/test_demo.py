@@ -20,7 +20,8 @@ def quick_run(tmp_path_factory) -> Path:
 
 def test_quick_demo_writes_valid_results_and_plots(quick_run: Path):
     results = load_results(quick_run / "results.json")
-    assert set(results["methods"]) == {"f_linear", "fine_tune", "em_prior", "f_hyper", "duet", "stablesynth", "stage2_control"}
+    assert set(results["methods"]) == {"f_linear", "fine_tune", "em_prior", "f_hyper", "duet", "stablesynth",
+                                       "stage2_control"}
     for name in ("report.md", "per_device_accuracy.png", "accuracy_vs_cost.png", "devices.png"):
         assert (quick_run / name).stat().st_size > 0
     ours = results["methods"]["stablesynth"]
@@ -85,3 +86,20 @@ def test_cli_reports_bad_config_without_traceback(tmp_path: Path, capsys):
     bad.write_text("encoder: no-such-encoder\n")
     assert main(["demo", "--config", str(bad), "--out", str(tmp_path / "o")]) == 2
     assert "unknown encoder preset" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_stage0_is_pretrained_once_and_shared_by_later_runs(tmp_path: Path, capsys):
+    cfg = load_run_config(quick=True).to_dict()
+    cfg["stage0"] = {"epochs": 1, "limit_questions": 400, "evaluate": False}
+    cfg["methods"] = ["f_linear", "fine_tune"]
+    path = tmp_path / "s0.json"
+    path.write_text(json.dumps(cfg))
+    assert main(["demo", "--config", str(path), "--out", str(tmp_path / "a")]) == 0
+    first = capsys.readouterr().out
+    results = load_results(tmp_path / "a" / "results.json")
+    assert results["stage0"]["checkpoint"] and "Stage 0" in (tmp_path / "a" / "report.md").read_text()
+    assert (tmp_path / "stage0-cache" / results["stage0"]["checkpoint"]).is_dir()
+    # Another run (another folder, another seed) beside it reuses the cached stage 0.
+    assert main(["demo", "--config", str(path), "--out", str(tmp_path / "b"), "--seed", "1"]) == 0
+    assert "stage 0: reusing" in capsys.readouterr().out and "stage 0: reusing" not in first

@@ -205,6 +205,14 @@ def render_report(results: dict[str, Any], ablation: dict[str, Any] | None = Non
         "Every number below is read from `results.json` in this folder.",
         "",
     ]
+    s0 = results.get("stage0")
+    if s0:
+        clean = s0.get("clean_test") or {}
+        acc = clean.get("accuracy", clean.get("all")) if isinstance(clean, dict) else None
+        lines += ["## Stage 0 (pretraining on clean easy-VQA)", "",
+                  f"Checkpoint `{s0['checkpoint']}` (cached; {s0.get('train_seconds') or 0:.0f} s when it was trained, "
+                  f"{s0['seconds']:.0f} s in this run)"
+                  + (f"; clean test accuracy {_pct(acc)}." if isinstance(acc, float) else "."), ""]
     inf = results.get("informative")
     if inf:
         lines += [

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import math
+import os
 import shutil
 import time
 from collections.abc import Callable
@@ -38,6 +39,7 @@ from stablesynth.models.encoder import ENCODERS, create_model
 from stablesynth.models.global_model import GlobalModel
 from stablesynth.presets import get_preset
 from stablesynth.training.features import FeatureCacheError, extract_features, load_features, module_fingerprint
+from stablesynth.training.stage0 import Stage0Config, load_stage0, pretrain_stage0
 from stablesynth.training.stage1 import Stage1Config, train_stage1
 
 
@@ -53,6 +55,12 @@ class RunConfig(Config):
     encoder: str = "allinone-cpu"
     encoder_overrides: dict[str, Any] = Field(default_factory=dict)
     benchmark: BenchmarkConfig = Field(default_factory=BenchmarkConfig)
+    #: Stage 0, pretraining on clean easy-VQA (the part of the paper's pretrained All-in-One);
+    #: None: the encoder starts from scratch in stage 1.
+    stage0: Stage0Config | None = None
+    #: Where stage-0 checkpoints are cached, keyed by their inputs ("": $STABLESYNTH_CACHE_DIR/stage0,
+    #: else a ``stage0-cache`` folder beside the run's output folder, shared by its sibling runs).
+    stage0_cache: str = ""
     stage1: Stage1Config = Field(default_factory=Stage1Config)
     methods: list[str] = Field(default_factory=all_methods)
     method_overrides: dict[str, dict[str, Any]] = Field(default_factory=dict)
@@ -87,6 +95,15 @@ def check_method_names(methods: list[str], overrides: dict[str, Any]) -> None:
     for name in overrides:
         if name not in METHODS:
             raise ConfigError(f"method_overrides: unknown method {name!r}")
+
+
+def stage0_root(cfg: RunConfig, out: Path) -> Path:
+    """The stage-0 cache: keyed by content, so every run and seed that can share a checkpoint does."""
+    if cfg.stage0_cache:
+        return Path(cfg.stage0_cache)
+    if os.environ.get("STABLESYNTH_CACHE_DIR"):
+        return Path(os.environ["STABLESYNTH_CACHE_DIR"]) / "stage0"
+    return Path(out).resolve().parent / "stage0-cache"
 
 
 def packaged_config(name: str) -> Path:
@@ -125,6 +142,15 @@ class DemoRun:
         torch.manual_seed(cfg.seed)
         encoder = create_model(cfg.encoder, **cfg.encoder_overrides)
         model = GlobalModel(encoder, self.bench.num_classes, dropout=cfg.stage1.head_dropout)
+        self.stage0_info: dict[str, Any] = {}
+        if cfg.stage0 is not None:
+            # Before the copy below: F-linear's frozen encoder is then the pretrained one, as in the paper.
+            t0 = time.perf_counter()
+            ckpt = pretrain_stage0(cfg.encoder, cfg.encoder_overrides, cfg.stage0, stage0_root(cfg, out), log=log,
+                                   device=resolve_device(device))
+            manifest = load_stage0(model, ckpt, self.bench.answer_names)
+            self.stage0_info = {"checkpoint": ckpt.name, "clean_test": manifest.get("clean_test"),
+                                "train_seconds": manifest.get("seconds"), "seconds": time.perf_counter() - t0}
         self.ws = Workspace(
             out=out, seed=cfg.seed, K=self.bench.num_classes, seen=set(self.bench.seen_devices), model=model,
             # The untrained model is F-linear's frozen encoder and starting head.
@@ -135,11 +161,14 @@ class DemoRun:
         )
         configure_backends(self.ws.device)
         self.ws.timings["benchmark_build"] = build_seconds
+        if self.stage0_info:
+            self.ws.timings["stage0"] = self.stage0_info["seconds"]
         self.ws.validation_ids = self.bench.samples("history").sample_id[self.bench.validation_rows()]
 
     def _stage1_fields(self) -> dict[str, Any]:
         return {"encoder": self.cfg.encoder, "encoder_overrides": self.cfg.encoder_overrides,
-                "benchmark": self.bench.fingerprint(), "num_classes": self.ws.K, "seed": self.cfg.seed}
+                "benchmark": self.bench.fingerprint(), "num_classes": self.ws.K, "seed": self.cfg.seed,
+                "stage0": self.stage0_info.get("checkpoint")}
 
     def stage1(self) -> None:
         t = time.perf_counter()
@@ -264,6 +293,7 @@ def run_pipeline(cfg: RunConfig, out: Path, reuse: bool = True, log: Callable[[s
             "fingerprint": run.bench.fingerprint(),
             "accuracy_convention": f"top-1 over the {ws.K} easy-VQA answers (every answer is in the vocabulary)",
         },
+        "stage0": run.stage0_info or None,
         "informative": informative,
         "diagnostics": diag,
         "oracle": oracle,
