@@ -17,22 +17,24 @@ Presets are registered by name (``allinone-ti``, ``allinone-cpu``, ``allinone-cp
 
 from __future__ import annotations
 
+import dataclasses
 import math
+import typing
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Any
 
 import torch
 import torch.nn.functional as F
-from pydantic import Field, StrictInt
+from pydantic import Field, StrictInt, create_model
 
-from stablesynth.config import Config, require
+from stablesynth.config import Config, ConfigError
 from stablesynth.models.vit import TEXT_TYPE as TEXT_TYPE
 from stablesynth.models.vit import VIDEO_TYPE as VIDEO_TYPE
 from stablesynth.models.vit import Attention as Attention
 from stablesynth.models.vit import Block as Block
 from stablesynth.models.vit import Mlp as Mlp
-from stablesynth.models.vit import MultimodalEncoder, stem_problem
+from stablesynth.models.vit import MultimodalEncoder, ViTSpec
 from stablesynth.models.vit import PatchEmbed as PatchEmbed
 from stablesynth.models.vit import Pooler as Pooler
 from stablesynth.models.vit import TextEmbeddings as TextEmbeddings
@@ -45,53 +47,42 @@ class WeightLoadError(ValueError):
     """A weight file is missing, unreadable, lacks a key or has a tensor of the wrong shape."""
 
 
-class EncoderConfig(Config):
-    image_size: int = 224
-    patch_size: int = 16
-    in_chans: int = 3
-    width: int = 192
-    depth: int = 12
-    num_heads: int = 3
-    mlp_ratio: float = 4.0
-    qkv_bias: bool = True
-    vocab_size: int = 30522
-    #: Width of the word-embedding table; a Linear projects it to ``width`` when they differ
-    #: (MiniLM's pretrained table is 384 wide).
-    word_dim: int = 192
-    max_text_len: int = 40
-    #: Rows of the temporal embedding: the most frames one clip may have.
-    max_frames: int = 16
-    drop_rate: float = 0.0
-    layer_norm_eps: float = 1e-6
-    #: All-in-One's pooler tanh(Linear(x_cls)) on the fused CLS token.
-    use_pooler: bool = True
+def _architecture_fields() -> dict[str, Any]:
+    """ViTSpec's fields as pydantic fields: the architecture is declared once, in models/vit.py."""
+    hints = typing.get_type_hints(ViTSpec)
+    fields: dict[str, Any] = {}
+    for f in dataclasses.fields(ViTSpec):
+        tp = hints[f.name]
+        if f.name == "stem_channels":  # YAML writes a list
+            tp = Annotated[tuple[StrictInt, ...], Field(strict=False)]
+        fields[f.name] = (tp, f.default)
+    return fields
+
+
+class _EncoderSource(Config):
+    """What the encoder config adds to :class:`~stablesynth.models.vit.ViTSpec`: where weights come from."""
+
     #: Load MiniLM's word embeddings from the installed package when the model is built.
     pretrained_text: bool = False
-    #: Keep the word table fixed (it is 30522 rows: updating it dominates a CPU step).
-    freeze_word_embeddings: bool = False
     #: Optional local timm/DeiT state dict loaded when the model is built ("" = none).
     vision_weights: str = ""
-    #: Convolutional stem: one 3×3 stride-2 conv + GELU per entry before the patch projection
-    #: (empty = DeiT's plain patchify, timm's parameter names; see models/vit.py PatchEmbed).
-    stem_channels: Annotated[tuple[StrictInt, ...], Field(strict=False)] = ()
+
+    def spec(self) -> ViTSpec:
+        return ViTSpec(**{f.name: getattr(self, f.name) for f in dataclasses.fields(ViTSpec)})
 
     def check(self) -> None:
-        for key in ("image_size", "patch_size", "in_chans", "width", "depth", "num_heads", "vocab_size",
-                    "word_dim", "max_text_len", "max_frames"):
-            require(getattr(self, key) >= 1, key, f"must be >= 1, got {getattr(self, key)}")
-        require(self.image_size % self.patch_size == 0, "patch_size",
-                f"{self.patch_size} does not divide image_size {self.image_size}")
-        require(self.width % self.num_heads == 0, "num_heads",
-                f"{self.num_heads} does not divide width {self.width}")
-        require(self.mlp_ratio > 0, "mlp_ratio", f"must be > 0, got {self.mlp_ratio}")
-        require(0.0 <= self.drop_rate < 1.0, "drop_rate", f"must be in [0, 1), got {self.drop_rate}")
-        require(self.layer_norm_eps > 0, "layer_norm_eps", "must be > 0")
-        problem = stem_problem(self.patch_size, self.stem_channels)
-        require(not problem, "stem_channels", problem)
+        try:
+            self.spec().check()
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
 
     @property
     def num_patches(self) -> int:
         return (self.image_size // self.patch_size) ** 2
+
+
+#: The encoder's config: every ViTSpec field (the architecture) plus the weight sources.
+EncoderConfig = create_model("EncoderConfig", __base__=_EncoderSource, __module__=__name__, **_architecture_fields())
 
 
 ENCODERS: Registry[EncoderConfig] = Registry("encoder")

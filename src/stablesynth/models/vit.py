@@ -37,18 +37,24 @@ class ViTSpec:
     mlp_ratio: float = 4.0
     qkv_bias: bool = True
     vocab_size: int = 30522
+    #: Width of the word-embedding table; a Linear projects it to ``width`` when they differ
+    #: (MiniLM's pretrained table is 384 wide).
     word_dim: int = 192
     max_text_len: int = 40
+    #: Rows of the temporal embedding: the most frames one clip may have.
     max_frames: int = 16
     drop_rate: float = 0.0
     layer_norm_eps: float = 1e-6
+    #: All-in-One's pooler tanh(Linear(x_cls)) on the fused CLS token.
     use_pooler: bool = True
+    #: Keep the word table fixed (it is 30522 rows: updating it dominates a CPU step).
     freeze_word_embeddings: bool = False
     #: Channels of an optional convolutional stem before the patch projection (empty: DeiT's
-    #: plain patchify). Each entry is a 3×3 stride-2 conv + GELU; see :class:`PatchEmbed`.
+    #: plain patchify, timm's parameter names). Each entry is a 3×3 stride-2 conv + GELU; see :class:`PatchEmbed`.
     stem_channels: tuple[int, ...] = ()
 
     def check(self) -> None:
+        """Raise ``ValueError("<field>: <why>")`` for an architecture that cannot be built."""
         for key in ("image_size", "patch_size", "in_chans", "width", "depth", "num_heads", "vocab_size",
                     "word_dim", "max_text_len", "max_frames"):
             if getattr(self, key) < 1:
@@ -57,6 +63,12 @@ class ViTSpec:
             raise ValueError(f"patch_size: {self.patch_size} does not divide image_size {self.image_size}")
         if self.width % self.num_heads:
             raise ValueError(f"num_heads: {self.num_heads} does not divide width {self.width}")
+        if self.mlp_ratio <= 0:
+            raise ValueError(f"mlp_ratio: must be > 0, got {self.mlp_ratio}")
+        if not 0.0 <= self.drop_rate < 1.0:
+            raise ValueError(f"drop_rate: must be in [0, 1), got {self.drop_rate}")
+        if self.layer_norm_eps <= 0:
+            raise ValueError("layer_norm_eps: must be > 0")
         problem = stem_problem(self.patch_size, self.stem_channels)
         if problem:
             raise ValueError(f"stem_channels: {problem}")
