@@ -7,7 +7,8 @@ import pytest
 
 from stablesynth.cli import main
 from stablesynth.config import ConfigError
-from stablesynth.evaluation.report import ResultsSchemaError, load_results, render_report, validate_results
+from stablesynth.evaluation.report import render_report
+from stablesynth.evaluation.schema import ResultsSchemaError, load_results, validate_results
 from stablesynth.experiment.demo import RunConfig, load_run_config
 
 

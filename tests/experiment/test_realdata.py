@@ -10,7 +10,7 @@ import yaml
 
 from stablesynth.cli import main
 from stablesynth.config import ConfigError
-from stablesynth.evaluation.report import load_results
+from stablesynth.evaluation.schema import load_results
 from stablesynth.experiment.realdata.config import load_realdata_config
 from stablesynth.experiment.realdata.run import accuracy_table
 

@@ -14,7 +14,7 @@ import yaml
 
 from stablesynth.cli import main
 from stablesynth.data.annotation_records import RetrievalRecord
-from stablesynth.evaluation.report import load_results
+from stablesynth.evaluation.schema import load_results
 from stablesynth.experiment.realdata.config import load_realdata_config
 from stablesynth.experiment.realdata.pairs import all_pairs_items, negative_sampled_items
 from stablesynth.experiment.realdata.run import VideoRun, accuracy_table

@@ -14,7 +14,8 @@ import torch
 
 import stablesynth
 from stablesynth.evaluation import plots
-from stablesynth.evaluation.report import SCHEMA_VERSION, render_report, validate_results
+from stablesynth.evaluation.report import render_report
+from stablesynth.evaluation.schema import SCHEMA_VERSION, validate_results
 from stablesynth.files import atomic_write_json, atomic_write_text
 from stablesynth.methods import Method
 from stablesynth.models.payload import payload_table

@@ -141,7 +141,7 @@ def _serve(args: argparse.Namespace) -> int:
     device = _resolve_device(args.device)
     spec = ServeSpec([str(c) for c in args.checkpoint], args.model_id, device,
                      resolve_token(args.token, args.token_file), args.max_batch, args.max_wait_ms,
-                     args.inline_ms, args.torch_threads, limits.__dict__.copy(), args.encode_threads)
+                     args.inline_ms, args.torch_threads, limits.to_dict(), args.encode_threads)
     models = load_models(spec.checkpoints, spec.model_id, device)  # validates before any worker starts
     for m in models.values():
         print(f"serving {m.model_id}@{m.version} ({m.method_name}, K={m.num_classes}, {device}) "

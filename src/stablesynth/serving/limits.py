@@ -25,31 +25,53 @@ from __future__ import annotations
 
 import asyncio
 import json
-from dataclasses import dataclass
+from collections.abc import Callable
 from typing import Any
 
 import httptools
 import uvicorn
+from pydantic import Field
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
+from stablesynth.config import Config
 
-@dataclass(frozen=True)
-class ServeLimits:
+
+class ServeLimits(Config):
     """Per-process connection limits (defaults suit a service behind a reverse proxy or not)."""
 
-    max_header_bytes: int = 16 * 1024
-    header_timeout: float = 10.0
-    body_timeout: float = 10.0
-    send_timeout: float = 10.0
-    keep_alive_timeout: int = 5
+    max_header_bytes: int = Field(16 * 1024, ge=1024)
+    #: Seconds a client may take to send its request head, then its body, and to read the reply.
+    header_timeout: float = Field(10.0, gt=0)
+    body_timeout: float = Field(10.0, gt=0)
+    send_timeout: float = Field(10.0, gt=0)
+    keep_alive_timeout: int = Field(5, ge=1)
     #: Open connections or running requests beyond which new requests get 503 (load shedding).
-    limit_concurrency: int = 1024
-    backlog: int = 1024
+    limit_concurrency: int = Field(1024, ge=1)
+    backlog: int = Field(1024, ge=1)
 
-    def __post_init__(self) -> None:
-        if self.max_header_bytes < 1024 or min(self.header_timeout, self.body_timeout, self.send_timeout) <= 0 \
-                or self.keep_alive_timeout < 1 or self.limit_concurrency < 1:
-            raise ValueError(f"invalid serving limits: {self}")
+
+class _Deadline:
+    """One timer on the event loop that is armed, re-armed or cancelled; it forgets itself when it fires."""
+
+    def __init__(self) -> None:
+        self._handle: asyncio.TimerHandle | None = None
+
+    @property
+    def armed(self) -> bool:
+        return self._handle is not None
+
+    def arm(self, loop: asyncio.AbstractEventLoop, seconds: float, callback: Callable[[], None]) -> None:
+        self.cancel()
+        self._handle = loop.call_later(seconds, self._fire, callback)
+
+    def _fire(self, callback: Callable[[], None]) -> None:
+        self._handle = None
+        callback()
+
+    def cancel(self) -> None:
+        if self._handle is not None:
+            self._handle.cancel()
+            self._handle = None
 
 
 class GuardedConfig(uvicorn.Config):
@@ -76,38 +98,32 @@ class GuardedHttpProtocol(HttpToolsProtocol):
     def __init__(self, config: uvicorn.Config, *args: Any, **kwargs: Any) -> None:
         super().__init__(config, *args, **kwargs)
         self.limits: ServeLimits = getattr(config, "limits", None) or ServeLimits()
-        self._timer: asyncio.TimerHandle | None = None
-        self._send_timer: asyncio.TimerHandle | None = None
+        self._read_deadline = _Deadline()
+        self._send_deadline = _Deadline()
         self._in_head = True
         self._head_bytes = 0
         self._rejected = False
 
     # -- deadlines
     def _arm(self, seconds: float) -> None:
-        self._disarm()
-        self._timer = self.loop.call_later(seconds, self._expire)
+        self._read_deadline.arm(self.loop, seconds, self._expire)
 
     def _disarm(self) -> None:
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
+        self._read_deadline.cancel()
 
     def _expire(self) -> None:
-        self._timer = None
         if self.transport is not None and not self.transport.is_closing():
             self.transport.close()
 
     def _arm_send(self) -> None:
-        if self._send_timer is None:
-            self._send_timer = self.loop.call_later(self.limits.send_timeout, self._send_expired)
+        # Not re-armed while it runs: the clock counts from the first unsent byte.
+        if not self._send_deadline.armed:
+            self._send_deadline.arm(self.loop, self.limits.send_timeout, self._send_expired)
 
     def _disarm_send(self) -> None:
-        if self._send_timer is not None:
-            self._send_timer.cancel()
-            self._send_timer = None
+        self._send_deadline.cancel()
 
     def _send_expired(self) -> None:
-        self._send_timer = None
         if self.transport is not None:
             self.transport.abort()  # close() would wait for the client to read what is buffered
 
@@ -147,7 +163,7 @@ class GuardedHttpProtocol(HttpToolsProtocol):
             return
         self._unset_keepalive_if_required()
         if self._in_head:
-            if self._timer is None:  # first bytes after an idle keep-alive period
+            if not self._read_deadline.armed:  # first bytes after an idle keep-alive period
                 self._arm(self.limits.header_timeout)
             self._head_bytes += len(data)
         try:

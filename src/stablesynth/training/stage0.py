@@ -31,12 +31,13 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
+from pydantic import Field
 from torch import nn
 from tqdm.auto import tqdm
 
 from stablesynth.accelerator import configure_backends, to_device
 from stablesynth.checkpoint import CheckpointError, load_checkpoint, read_manifest, save_checkpoint
-from stablesynth.config import Config, require
+from stablesynth.config import Config
 from stablesynth.data.easyvqa import COLORS, QUESTION_TYPES, SHAPES
 from stablesynth.data.pretrain import IGNORE, PretrainSet, build_pretrain_set
 from stablesynth.models.device import HIDDEN_DIM, StaticHead
@@ -60,37 +61,26 @@ class Stage0Config(Config):
     """
 
     seed: int = 0
-    epochs: int = 2
-    lr: float = 1.0e-3
-    weight_decay: float = 0.05
-    batch_size: int = 64
-    warmup_ratio: float = 0.05
-    power: float = 1.0
-    grad_clip: float = 1.0
-    head_dropout: float = 0.1
-    aux_color_weight: float = 1.0
-    aux_shape_weight: float = 1.0
+    epochs: int = Field(2, ge=1)
+    lr: float = Field(1.0e-3, gt=0)
+    weight_decay: float = Field(0.05, ge=0)
+    batch_size: int = Field(64, ge=1)
+    warmup_ratio: float = Field(0.05, ge=0, lt=1)
+    power: float = Field(1.0, gt=0)
+    grad_clip: float = Field(1.0, ge=0)
+    head_dropout: float = Field(0.1, ge=0, lt=1)
+    aux_color_weight: float = Field(1.0, ge=0)
+    aux_shape_weight: float = Field(1.0, ge=0)
     #: Fraction of all steps trained on the colour/shape losses alone before the answer loss
     #: joins: the answers' text priors are learnt fast and can starve vision (small encoders).
-    answer_warmup_ratio: float = 0.0
+    answer_warmup_ratio: float = Field(0.0, ge=0, lt=1)
     augment: Literal["none", "camera"] = "none"
     #: Train on the first N questions only (0 = all; tests and quick checks).
-    limit_questions: int = 0
-    max_steps_per_epoch: int = 0
+    limit_questions: int = Field(0, ge=0)
+    #: Cap on the steps of one epoch (0 = no cap).
+    max_steps_per_epoch: int = Field(0, ge=0)
     #: Score the finished model on easy-VQA's clean test split (recorded in the manifest).
     evaluate: bool = True
-
-    def check(self) -> None:
-        require(self.epochs >= 1, "epochs", f"must be >= 1, got {self.epochs}")
-        require(self.lr > 0, "lr", "must be > 0")
-        require(self.batch_size >= 1, "batch_size", "must be >= 1")
-        require(0 <= self.warmup_ratio < 1, "warmup_ratio", "must be in [0, 1)")
-        require(0 <= self.head_dropout < 1, "head_dropout", "must be in [0, 1)")
-        require(0 <= self.answer_warmup_ratio < 1, "answer_warmup_ratio", "must be in [0, 1)")
-        for key in ("aux_color_weight", "aux_shape_weight", "weight_decay", "grad_clip"):
-            require(getattr(self, key) >= 0, key, "must be >= 0")
-        require(self.limit_questions >= 0, "limit_questions", "must be >= 0 (0 = all)")
-        require(self.max_steps_per_epoch >= 0, "max_steps_per_epoch", "must be >= 0 (0 = no cap)")
 
 
 class PretrainModel(nn.Module):

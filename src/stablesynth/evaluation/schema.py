@@ -1,0 +1,112 @@
+"""results.json: its schema, validation and loading. Every figure report.md prints is read from it.
+
+Schema (version 1), all accuracies are fractions in [0, 1]:
+
+```
+schema_version, created, wall_seconds, versions{}, seed, command, config{}
+stage0: {checkpoint, clean_test{}, train_seconds, seconds} or null          (stage-0 pretraining)
+benchmark: num_classes, answers[], devices[{id, seen, ...}], counts{}, accuracy_convention
+stage1: history[{epoch, loss, train_accuracy, seconds}], seconds
+informative: {global_clean, global_seen, global_unseen, oracle_seen, oracle_unseen, verdict}  (DESIGN §5)
+diagnostics: {device_probe_accuracy, chance, global_<g>, prior_corrected_<g>}   g = seen, unseen
+methods.<name>:
+  label, adaptive, proposed, train_seconds, config{}
+  accuracy.<per_sample|per_session>: per_device{id: acc}, seen|unseen|all{mean, worst, std, n}
+  params: {cloud, device_static}
+  flops: {benchmark, paper, benchmark_K, paper_K}           cloud step, one upload
+  bytes: {up, down{fp32, fp16, int8, factors?, driver?}}
+  adapt_ms: {median, p90, repeats}                           upload → device model that predicts
+  device_ms_per_clip?                                        on-device adaptation (em_prior), no upload
+  encodings?{<encoding>: {bytes, accuracy, delta_points, device_ms, ...}}   the proposed method only
+oracle: accuracy{per_device, seen, unseen, all}, finetune_seconds{median, per_device}
+payload: rows of the paper presets' payload table
+```
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+SCHEMA_VERSION = 1
+
+
+class ResultsSchemaError(ValueError):
+    """results.json does not follow the documented schema; the message names the path."""
+
+
+def _need(obj: Any, key: str, where: str, kind: type | tuple[type, ...]) -> Any:
+    if not isinstance(obj, dict) or key not in obj:
+        raise ResultsSchemaError(f"{where}.{key} is missing")
+    value = obj[key]
+    if not isinstance(value, kind):
+        raise ResultsSchemaError(f"{where}.{key} should be {kind}, got {type(value).__name__}")
+    return value
+
+
+def _check_fraction(v: Any, where: str) -> None:
+    if not isinstance(v, int | float) or not (0.0 <= v <= 1.0):
+        raise ResultsSchemaError(f"{where} should be a fraction in [0, 1], got {v!r}")
+
+
+def _check_accuracy_block(block: dict[str, Any], where: str) -> None:
+    per_dev = _need(block, "per_device", where, dict)
+    for dev, acc in per_dev.items():
+        _check_fraction(acc, f"{where}.per_device.{dev}")
+    for group in ("seen", "unseen", "all"):
+        summary = _need(block, group, where, dict)
+        n = _need(summary, "n", f"{where}.{group}", int)
+        for key in ("mean", "worst", "std"):
+            # An empty group (n = 0) has no statistics: null (NaN is not JSON).
+            _need(summary, key, f"{where}.{group}", (int, float) if n else (int, float, type(None)))
+
+
+def validate_results(results: dict[str, Any]) -> None:
+    """Raise :class:`ResultsSchemaError` unless ``results`` follows the schema above."""
+    if _need(results, "schema_version", "results", int) != SCHEMA_VERSION:
+        raise ResultsSchemaError(f"results.schema_version should be {SCHEMA_VERSION}")
+    for key, kind in (("created", str), ("wall_seconds", (int, float)), ("versions", dict),
+                      ("config", dict), ("benchmark", dict), ("methods", dict), ("stage1", dict)):
+        _need(results, key, "results", kind)
+    bench = results["benchmark"]
+    _need(bench, "num_classes", "benchmark", int)
+    devices = _need(bench, "devices", "benchmark", list)
+    ids = {str(d["id"]) for d in devices}
+    if not results["methods"]:
+        raise ResultsSchemaError("results.methods is empty")
+    for name, m in results["methods"].items():
+        where = f"methods.{name}"
+        _need(m, "label", where, str)
+        _need(m, "adaptive", where, bool)
+        acc = _need(m, "accuracy", where, dict)
+        for mode in ("per_sample", "per_session"):
+            block = _need(acc, mode, f"{where}.accuracy", dict)
+            _check_accuracy_block(block, f"{where}.accuracy.{mode}")
+            missing = ids - set(block["per_device"])
+            if missing:
+                raise ResultsSchemaError(f"{where}.accuracy.{mode}.per_device lacks devices {sorted(missing)}")
+        params = _need(m, "params", where, dict)
+        _need(params, "cloud", f"{where}.params", int)
+        flops = _need(m, "flops", where, dict)
+        for key in ("benchmark", "paper", "benchmark_K", "paper_K"):
+            _need(flops, key, f"{where}.flops", int)
+        by = _need(m, "bytes", where, dict)
+        _need(by, "up", f"{where}.bytes", int)
+        down = _need(by, "down", f"{where}.bytes", dict)
+        for enc in ("fp32", "fp16", "int8"):
+            _need(down, enc, f"{where}.bytes.down", int)
+        adapt = _need(m, "adapt_ms", where, dict)
+        _need(adapt, "median", f"{where}.adapt_ms", (int, float))
+    if results.get("oracle"):
+        _check_accuracy_block(_need(results["oracle"], "accuracy", "oracle", dict), "oracle.accuracy")
+        _need(results["oracle"], "finetune_seconds", "oracle", dict)
+
+
+def load_results(path: Path) -> dict[str, Any]:
+    try:
+        results = json.loads(Path(path).read_text())
+    except json.JSONDecodeError as exc:
+        raise ResultsSchemaError(f"{path} is not valid JSON: {exc}") from exc
+    validate_results(results)
+    return results
