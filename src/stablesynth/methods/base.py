@@ -41,6 +41,8 @@ class Method(nn.Module):
     uses_untrained_encoder: ClassVar[bool] = False
     #: True when the upload is several frames (``duet_frames``), not one.
     multi_frame_upload: ClassVar[bool] = False
+    #: True when the method needs K answer classes (a prior over answers): not for (clip, text) pair scores.
+    needs_answer_classes: ClassVar[bool] = False
     #: True for the stage-1 global head: the reference of the oracle, the diagnostics and em-prior.
     is_global_head: ClassVar[bool] = False
     #: True when predictions use the session's earlier clips (``predict_stream``), as em_prior does.

@@ -44,6 +44,7 @@ class EMPrior(FineTune):
         self.register_buffer("prior_strength", torch.tensor(10.0))
 
     session_causal: ClassVar[bool] = True
+    needs_answer_classes: ClassVar[bool] = True
     #: The same head as Fine-tuning, but not the reference the studies use.
     is_global_head: ClassVar[bool] = False
 

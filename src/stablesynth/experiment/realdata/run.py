@@ -304,6 +304,9 @@ class VideoRun:
         ws, cfg = self.ws, self.cfg
         out: dict[str, Any] = {}
         for name in cfg.methods:
+            if cfg.is_pair and self.method_class(name).needs_answer_classes:
+                ws.log(f"{name}: skipped, it needs answer classes and {cfg.preset} scores (clip, text) pairs")
+                continue
             method, train_seconds = ws.train_or_load(name)
             rt = ws.data(ws.feature_key("realtime", method), method.cfg.category)
             entry = method_entry(method, train_seconds)
