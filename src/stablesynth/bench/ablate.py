@@ -78,7 +78,7 @@ def run_ablation(cfg: RunConfig, out: Path, seeds: int = 3, only: list[str] | No
     for v in tqdm(todo, desc="ablations", dynamic_ncols=True):
         scores, worsts, spreads, per_device = [], [], [], []
         for s in range(seeds):
-            method = ws.build_method(v.method, overrides=v.overrides)
+            method = ws.method(v.method, overrides=v.overrides)
             train = ws.data("history", method.cfg.category, devices="train")
             test = ws.data("realtime", method.cfg.category)
             if v.frames is not None:

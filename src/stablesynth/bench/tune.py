@@ -50,7 +50,7 @@ def run_tuning(cfg: RunConfig, out: Path, methods: list[str] | None = None, log:
     for name in methods or list(GRIDS):
         rows = []
         for over in tqdm(candidates(GRIDS[name]), desc=f"tune {name}", dynamic_ncols=True):
-            method = ws.build_method(name, overrides=over)
+            method = ws.method(name, overrides=over)
             c = method.cfg
             train = ws.data("history", c.category, devices="train")
             val = ws.data("history", c.category, devices="validation")

@@ -22,7 +22,7 @@ from stablesynth.checkpoint import CheckpointError, load_module_state, read_mani
 from stablesynth.data.batch import FeatureBatch
 from stablesynth.evaluation.cost import count_flops, count_parameters, payload_bytes, time_call
 from stablesynth.evaluation.metrics import accuracy_block, accuracy_by_device
-from stablesynth.methods import METHODS, Method, MethodConfig
+from stablesynth.methods import METHODS, Method, MethodConfig, build_method
 from stablesynth.models.device import dynamic_specs, total_numel
 from stablesynth.models.global_model import GlobalModel
 from stablesynth.presets import get_preset
@@ -91,7 +91,7 @@ class Workspace:
 
     # -- methods -----------------------------------------------------------------------------
 
-    def build_method(self, name: str, num_classes: int | None = None,
+    def method(self, name: str, num_classes: int | None = None,
                      overrides: dict[str, Any] | None = None) -> Method:
         """The method with this run's config; with ``num_classes=None`` it starts from the stage-1 head."""
         mcfg = self.method_config(name)
@@ -100,7 +100,7 @@ class Workspace:
         if mcfg.num_categories is None and mcfg.category != "answer":
             mcfg = mcfg.replace(num_categories=self.num_categories(mcfg.category))
         cls = self.method_class(name)
-        method = cls(mcfg, num_classes or self.K)
+        method = build_method(name, num_classes or self.K, mcfg, cls=cls)
         if num_classes is None:
             src = self.initial if cls.uses_untrained_encoder else self.model
             method.init_from_head(src.static, src.classifier.weight.detach(), src.classifier.bias.detach())
@@ -108,7 +108,7 @@ class Workspace:
 
     def train_or_load(self, name: str) -> tuple[Method, float]:
         """Stage 2 of one method, or its checkpoint when one made from the same stage 1 and config exists."""
-        method = self.build_method(name)
+        method = self.method(name)
         mcfg = method.cfg
         ckpt = self.out / "methods" / name
         stage1_sha = read_manifest(self.out / "stage1")["sha256"]
@@ -212,7 +212,7 @@ class Workspace:
 
     def paper_flops(self, name: str, upload: torch.Tensor, paper_K: int) -> int:
         """Cloud-step FLOPs of the same method at the paper's label count (untrained weights suffice)."""
-        big = self.build_method(name, num_classes=paper_K)
+        big = self.method(name, num_classes=paper_K)
         big.prepare_cost_count()
         big.eval()
         return count_flops(big.adapt, upload)

@@ -12,13 +12,15 @@ from stablesynth.methods.base import METHODS, Method, default_method_config
 from stablesynth.methods.config import MethodConfig
 
 
-def build_method(name: str, num_classes: int, cfg: MethodConfig | Mapping[str, Any] | None = None) -> Method:
+def build_method(name: str, num_classes: int, cfg: MethodConfig | Mapping[str, Any] | None = None,
+                 cls: type[Method] | None = None) -> Method:
     """The one way to construct a registered method.
 
     ``cfg`` is a :class:`MethodConfig`, a plain dict (a checkpoint manifest's ``config``) or
-    ``None`` for the method's defaults.
+    ``None`` for the method's defaults; ``cls`` a subclass of the registered class to build
+    instead (a task's variant with the same parameters, e.g. pair scoring).
     """
-    cls = METHODS.get(name)
+    cls = cls or METHODS.get(name)
     if cfg is None:
         cfg = default_method_config(name)
     elif not isinstance(cfg, MethodConfig):
