@@ -48,8 +48,12 @@ def compare(results: dict[str, Any], a: str, b: str, group: str, mode: str = "pe
                              device_groups(results)[group])
 
 
-def _verdicts(results: dict[str, Any]) -> list[str]:
-    """Plain sentences comparing the proposed method with each other one, each with its interval."""
+def verdicts(results: dict[str, Any], metric: str = "accuracy") -> list[str]:
+    """Plain sentences comparing the proposed method with each other one, each with its interval.
+
+    ``results`` needs ``methods``, ``benchmark.devices`` and optionally ``oracle``; ``metric``
+    names what the per-device figures are.
+    """
     methods = results["methods"]
     out: list[str] = []
     name_ours = proposed_method(results)
@@ -66,7 +70,7 @@ def _verdicts(results: dict[str, Any]) -> list[str]:
             ci = compare(results, name_ours, name, group)
             verb = verdict(ci)
             out.append(
-                f"On {group} devices {label_ours} {verb} {m['label']}: {format_ci(ci)} points of accuracy "
+                f"On {group} devices {label_ours} {verb} {m['label']}: {format_ci(ci)} points of {metric} "
                 f"(mean per-device difference, 95 % bootstrap interval over {ci['n']} devices"
                 + ("; the interval covers zero, so this is a tie)." if verb == "ties with" else ").")
             )
@@ -109,6 +113,33 @@ def render_report(results: dict[str, Any], ablation: dict[str, Any] | None = Non
                   f"Checkpoint `{s0['checkpoint']}` (cached; {s0.get('train_seconds') or 0:.0f} s when it was trained, "
                   f"{s0['seconds']:.0f} s in this run)"
                   + (f"; clean test accuracy {_pct(acc)}." if isinstance(acc, float) else "."), ""]
+    if methods:
+        lines += _qa_sections(results)
+    if results.get("tasks"):
+        from stablesynth.evaluation.task_report import render_tasks  # it builds on this module's verdicts
+
+        lines += render_tasks(results)
+    figures = results.get("figures", ["per_device_accuracy.png", "accuracy_vs_cost.png"])
+    lines += ["", "## Plots", ""]
+    for fig in figures:
+        lines += [f"![{fig.removesuffix('.png').replace('_', ' ')}]({fig})", ""]
+    if seeds:
+        lines += render_seeds(seeds)
+    if ablation:
+        lines += render_ablation(ablation)
+    text = "\n".join(lines) + "\n"
+    if "task" in b:
+        text += pair_report(results)
+    return text
+
+
+
+def _qa_sections(results: dict[str, Any]) -> list[str]:
+    """The open-ended QA sections: informativeness, Tables 1, 2 and 5, encodings and costs."""
+    b = results["benchmark"]
+    methods = results["methods"]
+    K = b["num_classes"]
+    lines: list[str] = []
     inf = results.get("informative")
     if inf:
         lines += [
@@ -187,9 +218,9 @@ def render_report(results: dict[str, Any], ablation: dict[str, Any] | None = Non
         a = m["accuracy"]["per_session"]
         lines.append(f"| {m['label']} | {_pct(a['seen']['mean'])} | {_pct(a['seen']['worst'])} | "
                      f"{_pct(a['unseen']['mean'])} | {_pct(a['unseen']['worst'])} | {_pct(a['all']['std'])} |")
-    verdicts = _verdicts(results)
-    if verdicts:
-        lines += ["", "### What the numbers say", ""] + [f"- {v}" for v in verdicts]
+    said = verdicts(results)
+    if said:
+        lines += ["", "### What the numbers say", ""] + [f"- {v}" for v in said]
 
     pduet = paper.get("duet") or {}
     table2 = [n for n in pduet if n in methods]
@@ -250,19 +281,7 @@ def render_report(results: dict[str, Any], ablation: dict[str, Any] | None = Non
     for m in methods.values():
         lines.append(f"| {m['label']} | {m['params']['cloud']:,} | {m['flops']['benchmark']:,} | "
                      f"{m['train_seconds']:.1f} s |")
-    figures = results.get("figures", ["per_device_accuracy.png", "accuracy_vs_cost.png"])
-    lines += ["", "## Plots", ""]
-    for fig in figures:
-        lines += [f"![{fig.removesuffix('.png').replace('_', ' ')}]({fig})", ""]
-    if seeds:
-        lines += render_seeds(seeds)
-    if ablation:
-        lines += render_ablation(ablation)
-    text = "\n".join(lines) + "\n"
-    if "task" in b:
-        text += pair_report(results)
-    return text
-
+    return lines
 
 def render_payload(rows: list[dict[str, Any]]) -> list[str]:
     """The paper presets' bytes per encoding, fp32 next to the paper's Table 5."""

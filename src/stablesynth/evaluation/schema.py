@@ -20,6 +20,13 @@ methods.<name>:
   encodings?{<encoding>: {bytes, accuracy, delta_points, device_ms, ...}}   the proposed method only
 oracle: accuracy{per_device, seen, unseen, all}, finetune_seconds{median, per_device}
 payload: rows of the paper presets' payload table
+tasks.<mc|ret>:                                    multiple choice / retrieval on captions (demo --task)
+  devices[], clips, clips_per_device, captions, train_rows, stage1{}, timings{}, seconds, paper{}
+  chance                                           mc: a fraction; ret: {session|pooled: {seen|unseen: {VR@k, TR@k}}}
+  methods.<name>: as above (accuracy: mc per-device accuracy, ret per-device session VR@1), plus
+    mc: all;  ret: session{seen|unseen: {VR@k, TR@k}}, pooled{seen|unseen: {...}}; per_session{the same}
+  oracle: {accuracy, finetune_seconds, ...} or null
+methods is empty when a run measured only tasks.
 ```
 """
 
@@ -73,10 +80,28 @@ def validate_results(results: dict[str, Any]) -> None:
     _need(bench, "num_classes", "benchmark", int)
     devices = _need(bench, "devices", "benchmark", list)
     ids = {str(d["id"]) for d in devices}
-    if not results["methods"]:
+    tasks = results.get("tasks") or {}
+    if not results["methods"] and not tasks:
         raise ResultsSchemaError("results.methods is empty")
-    for name, m in results["methods"].items():
-        where = f"methods.{name}"
+    _check_methods(results["methods"], ids, "methods")
+    for task, entry in tasks.items():
+        where = f"tasks.{task}"
+        methods = _need(entry, "methods", where, dict)
+        if not methods:
+            raise ResultsSchemaError(f"{where}.methods is empty")
+        _check_methods(methods, ids, f"{where}.methods")
+        _need(entry, "chance", where, (int, float, dict))
+        if entry.get("oracle"):
+            block = _need(entry["oracle"], "accuracy", f"{where}.oracle", dict)
+            _check_accuracy_block(block, f"{where}.oracle.accuracy")
+    if results.get("oracle"):
+        _check_accuracy_block(_need(results["oracle"], "accuracy", "oracle", dict), "oracle.accuracy")
+        _need(results["oracle"], "finetune_seconds", "oracle", dict)
+
+
+def _check_methods(methods: dict[str, Any], ids: set[str], prefix: str) -> None:
+    for name, m in methods.items():
+        where = f"{prefix}.{name}"
         _need(m, "label", where, str)
         _need(m, "adaptive", where, bool)
         acc = _need(m, "accuracy", where, dict)
@@ -98,9 +123,6 @@ def validate_results(results: dict[str, Any]) -> None:
             _need(down, enc, f"{where}.bytes.down", int)
         adapt = _need(m, "adapt_ms", where, dict)
         _need(adapt, "median", f"{where}.adapt_ms", (int, float))
-    if results.get("oracle"):
-        _check_accuracy_block(_need(results["oracle"], "accuracy", "oracle", dict), "oracle.accuracy")
-        _need(results["oracle"], "finetune_seconds", "oracle", dict)
 
 
 def load_results(path: Path) -> dict[str, Any]:

@@ -35,6 +35,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=None, help="override the run seed (benchmark seed unchanged)")
     p.add_argument("--seeds", type=int, default=1,
                    help="run the headline over N benchmark seeds (default 1); seed k>0 goes to OUT/seeds/k")
+    p.add_argument("--task", choices=("qa", "mc", "ret", "all"), default=None,
+                   help="what to measure: open-ended QA (qa, the default), multiple choice (mc) or retrieval (ret) "
+                        "on the clips' captions, or all three in one report; mc and ret share one matching model "
+                        "fine-tuned from the QA stage-1 model (default: the config's tasks)")
     add_device_argument(p)
     p.set_defaults(func=_demo)
     from stablesynth.experiment.realdata.config import SUPPORTED_PRESETS
@@ -94,6 +98,8 @@ def _demo(args: argparse.Namespace) -> int:
     cfg = load_run_config(args.config, quick=args.quick)
     if args.seed is not None:
         cfg = cfg.replace(seed=args.seed)
+    if args.task is not None:
+        cfg = cfg.replace(tasks=["qa", "mc", "ret"] if args.task == "all" else [args.task])
     results = run_seeds(cfg, args.out, args.seeds, reuse=not args.fresh, device=args.device)
     print(f"demo finished in {time.perf_counter() - t0:.1f} s; report: {args.out / 'report.md'}")
     return 0 if results else 1

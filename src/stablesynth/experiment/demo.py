@@ -17,23 +17,23 @@ import time
 from collections.abc import Callable
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from pydantic import Field
 from torch import nn
 
 from stablesynth.accelerator import configure_backends, resolve_device
-from stablesynth.checkpoint import CheckpointError, read_manifest
 from stablesynth.config import Config, ConfigError, require
 from stablesynth.data.benchmark import DeviceBenchmark
 from stablesynth.data.benchmark_config import BenchmarkConfig
 from stablesynth.data.clip_loader import make_loader
 from stablesynth.data.device_grid import devices_grid_png
 from stablesynth.experiment import studies
+from stablesynth.experiment.caption_tasks import CaptionTaskConfig, run_caption_tasks
 from stablesynth.experiment.results import json_safe, log_accuracy, method_entry, results_skeleton, write_outputs
 from stablesynth.experiment.studies import OracleConfig
-from stablesynth.experiment.workspace import Workspace
+from stablesynth.experiment.workspace import Workspace, drop_stale_checkpoint
 from stablesynth.methods import METHODS, Method, MethodConfig, default_method_config
 from stablesynth.models.encoder import ENCODERS, create_model
 from stablesynth.models.global_model import GlobalModel
@@ -68,6 +68,10 @@ class RunConfig(Config):
     eval_batch_size: int = Field(128, ge=1)
     adapt_timing_repeats: int = Field(200, ge=1)
     paper_preset: str = "msrvtt-qa"
+    #: What the run measures: open-ended QA ("qa"), multiple choice ("mc"), retrieval ("ret").
+    tasks: list[Literal["qa", "mc", "ret"]] = Field(default_factory=lambda: ["qa"], min_length=1)
+    #: The multiple-choice and retrieval tasks (used when ``tasks`` names one).
+    captions: CaptionTaskConfig = Field(default_factory=CaptionTaskConfig)
 
     def check(self) -> None:
         if self.encoder not in ENCODERS:
@@ -174,17 +178,7 @@ class DemoRun:
         t = time.perf_counter()
         cfg, ws = self.cfg, self.ws
         ckpt = ws.out / "stage1"
-        if (ckpt / "manifest.json").exists():
-            try:
-                old = read_manifest(ckpt)
-            except CheckpointError as exc:
-                old = {"error": str(exc)}
-            wanted = {**self._stage1_fields(), "config": cfg.stage1.to_dict()}
-            stale = sorted(k for k, v in wanted.items() if old.get(k) != v)
-            # An interrupted run with the same inputs resumes; anything else starts over.
-            if stale:
-                ws.log(f"stage 1: {ckpt} was trained with other {', '.join(stale)}; training again")
-                shutil.rmtree(ckpt)
+        drop_stale_checkpoint(ckpt, {**self._stage1_fields(), "config": cfg.stage1.to_dict()}, ws.log)
 
         def loader(epoch: int):
             return make_loader(self.bench, "history", "train", batch_size=cfg.stage1.batch_size, shuffle=True,
@@ -258,28 +252,33 @@ class DemoRun:
 
 def run_pipeline(cfg: RunConfig, out: Path, reuse: bool = True, log: Callable[[str], None] = print,
                  device: str | torch.device = "cpu") -> dict:
-    """Run every stage and write results.json, report.md and the plots; returns the results."""
+    """Run every stage of ``cfg.tasks`` and write results.json, report.md and the plots; returns the results."""
     t0 = time.perf_counter()
     run = DemoRun(cfg, out, reuse=reuse, log=log, device=device)
     ws = run.ws
-    log(f"benchmark: {len(run.bench.devices)} devices ({len(ws.seen)} seen), K = {ws.K}; writing to {out}")
+    log(f"benchmark: {len(run.bench.devices)} devices ({len(ws.seen)} seen), K = {ws.K}; tasks "
+        f"{', '.join(cfg.tasks)}; writing to {out}")
     devices_grid_png(run.bench, ws.out / "devices.png")
     run.stage1()
-    run.cache_features()
-    realtime = ws.data("realtime")
-    entries, trained = run.evaluate_methods()
-    base = next((m for m in trained.values() if m.is_global_head), None)
+    entries: dict[str, Any] = {}
     oracle = informative = diag = None
-    if cfg.oracle.enabled:
-        t = time.perf_counter()
-        oracle = studies.oracle(ws, cfg.oracle, ws.data("history"), realtime)
-        ws.timed("oracle", t)
-        log(f"{'oracle':>15}: all {100 * oracle['accuracy']['all']['mean']:.1f} "
-            f"(median fine-tuning {oracle['finetune_seconds']['median']:.2f} s per device)")
-    if base is not None and oracle is not None:
-        informative = studies.informative_check(ws, base, realtime, oracle)
-        log(informative["verdict"])
-        diag = studies.diagnostics(ws, base, ws.data("history"), realtime, n_devices=len(run.bench.devices))
+    if "qa" in cfg.tasks:
+        run.cache_features()
+        realtime = ws.data("realtime")
+        entries, trained = run.evaluate_methods()
+        base = next((m for m in trained.values() if m.is_global_head), None)
+        if cfg.oracle.enabled:
+            t = time.perf_counter()
+            oracle = studies.oracle(ws, cfg.oracle, ws.data("history"), realtime)
+            ws.timed("oracle", t)
+            log(f"{'oracle':>15}: all {100 * oracle['accuracy']['all']['mean']:.1f} "
+                f"(median fine-tuning {oracle['finetune_seconds']['median']:.2f} s per device)")
+        if base is not None and oracle is not None:
+            informative = studies.informative_check(ws, base, realtime, oracle)
+            log(informative["verdict"])
+            diag = studies.diagnostics(ws, base, ws.data("history"), realtime, n_devices=len(run.bench.devices))
+    caption_tasks = {t for t in cfg.tasks if t != "qa"}
+    tasks = run_caption_tasks(run, cfg.captions, caption_tasks, cfg.oracle.enabled) if caption_tasks else {}
     results = results_skeleton(
         t0=t0, seed=cfg.seed, command="stablesynth demo", config=cfg.to_dict(), stage1_info=ws.stage1_info,
         timings=ws.timings, methods=entries,
@@ -297,7 +296,8 @@ def run_pipeline(cfg: RunConfig, out: Path, reuse: bool = True, log: Callable[[s
         "informative": informative,
         "diagnostics": diag,
         "oracle": oracle,
-        "figures": ["per_device_accuracy.png", "accuracy_vs_cost.png", "devices.png"],
+        "tasks": tasks,
+        "figures": ["per_device_accuracy.png", "accuracy_vs_cost.png", "devices.png"] if entries else ["devices.png"],
     })
     results["wall_seconds"] = time.perf_counter() - t0
     results = json_safe(results)

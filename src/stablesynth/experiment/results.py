@@ -87,7 +87,7 @@ def write_outputs(results: dict[str, Any], out: Path, plots_too: bool = True) ->
     ablation = json.loads(ablation_path.read_text()) if ablation_path.exists() else None
     seeds = json.loads(seeds_path.read_text()) if seeds_path.exists() else None
     atomic_write_json(out / "results.json", results)
-    if plots_too:
+    if plots_too and results["methods"]:
         plots.per_device_accuracy(results, out / "per_device_accuracy.png")
         plots.accuracy_vs_cost(results, out / "accuracy_vs_cost.png")
     atomic_write_text(out / "report.md", render_report(results, ablation, seeds))

@@ -97,38 +97,51 @@ def encoding_study(ws: Workspace, method: Method, realtime: FeatureBatch, model_
     return out
 
 
-def oracle(ws: Workspace, cfg: OracleConfig, history: FeatureBatch, realtime: FeatureBatch) -> dict[str, Any]:
-    """Per-device fine-tuning of the stage-1 head on each device's history (timed)."""
-    ocfg = cfg
-    per_dev, seconds = {}, {}
-    for d in tqdm(sorted(realtime.device.unique().tolist()), desc="per-device fine-tuning", leave=False):
+def tune_device_heads(ws: Workspace, cfg: OracleConfig, history: FeatureBatch, devices: list[int],
+                      logits: Callable[[torch.Tensor], torch.Tensor] | None = None,
+                      ) -> tuple[dict[int, nn.Module], dict[str, float]]:
+    """The stage-1 head fine-tuned on each device's history alone (timed): the per-device oracle.
+
+    ``logits`` turns the head's output into the logits of the cross-entropy (a pair task's
+    single score s becomes (0, s)).
+    """
+    heads, seconds = {}, {}
+    for d in tqdm(sorted(devices), desc="per-device fine-tuning", leave=False):
         hist = history.index(torch.nonzero(history.device == d).flatten())
-        test = realtime.index(torch.nonzero(realtime.device == d).flatten())
-        static = copy.deepcopy(ws.model.static)
-        classifier = copy.deepcopy(ws.model.classifier)
-        head = nn.Sequential(static, classifier)
+        head = nn.Sequential(copy.deepcopy(ws.model.static), copy.deepcopy(ws.model.classifier))
         gen = torch.Generator().manual_seed(ws.seed * 7919 + d)
+        torch.manual_seed(ws.seed * 7919 + d)  # dropout: the same heads whether or not stage 2 ran first
         t = time.perf_counter()
         f_g = hist.f_g
-        opt = torch.optim.AdamW(head.parameters(), lr=ocfg.lr)
+        opt = torch.optim.AdamW(head.parameters(), lr=cfg.lr)
         head.train()
-        for _ in range(ocfg.epochs):
+        for _ in range(cfg.epochs):
             order = torch.randperm(len(hist), generator=gen)
-            for s in range(0, len(order), ocfg.batch_size):
-                idx = order[s:s + ocfg.batch_size]
-                loss = nn.functional.cross_entropy(head(f_g[idx]), hist.label[idx], ignore_index=-100)
+            for s in range(0, len(order), cfg.batch_size):
+                idx = order[s:s + cfg.batch_size]
+                out = head(f_g[idx])
+                loss = nn.functional.cross_entropy(logits(out) if logits else out, hist.label[idx], ignore_index=-100)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
         seconds[str(d)] = time.perf_counter() - t
-        head.eval()
-        with torch.inference_mode():
-            per_dev[int(d)] = accuracy(head(test.f_g), test.label)
+        heads[int(d)] = head.eval()
+    return heads, seconds
+
+
+def oracle(ws: Workspace, cfg: OracleConfig, history: FeatureBatch, realtime: FeatureBatch) -> dict[str, Any]:
+    """Per-device fine-tuning of the stage-1 head on each device's history (timed)."""
+    heads, seconds = tune_device_heads(ws, cfg, history, realtime.device.unique().tolist())
+    per_dev = {}
+    with torch.inference_mode():
+        for d, head in heads.items():
+            test = realtime.index(torch.nonzero(realtime.device == d).flatten())
+            per_dev[d] = accuracy(head(test.f_g), test.label)
     med = sorted(seconds.values())[len(seconds) // 2]
     return {
         "accuracy": accuracy_block(per_dev, ws.seen),
         "finetune_seconds": {"median": med, "per_device": seconds},
-        "config": ocfg.to_dict(),
+        "config": cfg.to_dict(),
     }
 
 

@@ -10,6 +10,7 @@ to know (does it adapt, does stage 2 train it, does it read the untrained encode
 
 from __future__ import annotations
 
+import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -28,6 +29,23 @@ from stablesynth.models.global_model import GlobalModel
 from stablesynth.presets import get_preset
 from stablesynth.training.features import to_feature_batch
 from stablesynth.training.stage2 import predict_per_sample, predict_per_session, train_method
+
+
+def drop_stale_checkpoint(ckpt: Path, wanted: dict[str, Any], log: Callable[[str], None]) -> None:
+    """Delete the stage-1 checkpoint ``ckpt`` unless its manifest has every field of ``wanted``.
+
+    An interrupted run with the same inputs then resumes; anything else starts over.
+    """
+    if not (ckpt / "manifest.json").exists():
+        return
+    try:
+        old = read_manifest(ckpt)
+    except CheckpointError as exc:
+        old = {"error": str(exc)}
+    stale = sorted(k for k, v in wanted.items() if old.get(k) != v)
+    if stale:
+        log(f"stage 1: {ckpt} was trained with other {', '.join(stale)}; training again")
+        shutil.rmtree(ckpt)
 
 
 @dataclass

@@ -65,20 +65,19 @@ from stablesynth.data.video_dataset import VideoMCDataset, VideoQADataset, colla
 from stablesynth.experiment.realdata.config import RUN_CONFIG_FILE, RealDataConfig, merge
 from stablesynth.experiment.realdata.pairs import (
     ClipBatches,
-    PairModel,
     _cap,
     _chunks,
     _dataset_digest,
     all_pairs_items,
     evaluate_pairs,
     negative_sampled_items,
-    pair_method_class,
     read_mc_items,
 )
 from stablesynth.experiment.results import json_safe, log_accuracy, method_entry, results_skeleton, write_outputs
 from stablesynth.experiment.workspace import Workspace
 from stablesynth.files import atomic_write_json
 from stablesynth.methods import METHODS, Method, MethodConfig
+from stablesynth.methods.pairs import PairModel, pair_method_class
 from stablesynth.models.encoder import create_model
 from stablesynth.models.global_model import GlobalModel
 from stablesynth.training.distributed import SINGLE, DistContext, shard_indices, training_device
