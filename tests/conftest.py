@@ -11,45 +11,30 @@ from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
-import av
 import numpy as np
 import pytest
 
+from stablesynth.data import export
 from stablesynth.data.benchmark import DeviceBenchmark
 from stablesynth.data.benchmark_config import BenchmarkConfig
-
-MP4_CODECS: tuple[str, ...] = ("mpeg4", "libx264", "h264")
 
 
 def _pick_codec(names: Sequence[str]) -> str:
     """The first of ``names`` this PyAV build can encode with; skips the test when there is none."""
-    for name in names:
-        try:
-            av.codec.Codec(name, "w")
-            return name
-        except Exception:  # codec not built into this PyAV
-            continue
-    pytest.skip(f"none of {list(names)} available in this PyAV build")
+    try:
+        return export.pick_codec(names)
+    except RuntimeError as exc:
+        pytest.skip(str(exc))
 
 
 def _write_frames(path: Path, frames: Sequence[np.ndarray], codec: str, pix_fmt: str = "yuv420p") -> Path:
-    """Encode RGB uint8 frames ``[S, S, 3]`` at 4 fps into ``path`` (its folder is created)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with av.open(str(path), "w") as out:
-        stream = out.add_stream(codec, rate=4)
-        stream.width = stream.height = frames[0].shape[0]
-        stream.pix_fmt = pix_fmt
-        for img in frames:
-            for packet in stream.encode(av.VideoFrame.from_ndarray(img, format="rgb24")):
-                out.mux(packet)
-        for packet in stream.encode():
-            out.mux(packet)
-    return path
+    """Encode RGB uint8 frames at 4 fps into ``path`` (its folder is created)."""
+    return export.write_mp4(path, frames, codec, pix_fmt=pix_fmt)
 
 
 def _write_video(path: Path, rgb: tuple[int, int, int], seed: int, size: int = 24, frames: int = 4) -> Path:
     """An mp4 of ``frames`` noisy frames of colour ``rgb`` (noise drawn from ``seed``)."""
-    codec = _pick_codec(MP4_CODECS)
+    codec = _pick_codec(export.MP4_CODECS)
     rng = np.random.default_rng(seed)
     imgs = [np.clip(np.array(rgb) + rng.integers(-20, 20, (size, size, 3)), 0, 255).astype(np.uint8)
             for _ in range(frames)]

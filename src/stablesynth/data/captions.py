@@ -80,13 +80,17 @@ def mc_candidates(true: int, rng: np.random.Generator, same_colour: int = 2,
 class CaptionPairs:
     """(clip, caption) rows over a :class:`DeviceBenchmark`; see the module docstring."""
 
-    def __init__(self, bench: DeviceBenchmark, clips_per_device: int, same_colour: int = 2, seed: int = 0) -> None:
+    def __init__(self, bench: DeviceBenchmark, clips_per_device: int, same_colour: int = 2, seed: int = 0,
+                 template: str = "{caption}") -> None:
         if clips_per_device < 1:
             raise ValueError(f"clips_per_device must be >= 1, got {clips_per_device}")
+        if "{caption}" not in template:
+            raise ValueError(f"template must contain '{{caption}}', got {template!r}")
         self.bench = bench
         self.same_colour = same_colour
         self.seed = seed
-        self.texts = caption_texts()
+        #: What the encoder reads for each caption (the caption itself, or a question around it).
+        self.texts = [template.format(caption=c) for c in caption_texts()]
         ids, mask = self._tokenize(bench.cfg.max_question_len)
         self._ids, self._mask = ids, mask
         self.clip_caption = {s: image_captions(bench.data, SOURCE_SPLIT[s])[bench.splits[s].image]

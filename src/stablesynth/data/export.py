@@ -100,15 +100,15 @@ def pick_codec(names: Sequence[str] = MP4_CODECS) -> str:
     raise RuntimeError(f"none of the video encoders {list(names)} is built into this PyAV")
 
 
-def write_mp4(path: Path, frames: Sequence[np.ndarray], codec: str, fps: int = 4) -> Path:
-    """Encode RGB uint8 frames ``[H, W, 3]`` (even H, W) into an mp4 at ``path`` (folder created)."""
+def write_mp4(path: Path, frames: Sequence[np.ndarray], codec: str, fps: int = 4, pix_fmt: str = "yuv420p") -> Path:
+    """Encode RGB uint8 frames ``[H, W, 3]`` (even H, W for yuv420p) into a video at ``path`` (folder created)."""
     import av
 
     path.parent.mkdir(parents=True, exist_ok=True)
     with av.open(str(path), "w") as out:
         stream = out.add_stream(codec, rate=fps)
         stream.height, stream.width = frames[0].shape[:2]
-        stream.pix_fmt = "yuv420p"
+        stream.pix_fmt = pix_fmt
         if codec in ("libx264", "h264"):
             stream.options = {"crf": "18", "preset": "veryfast"}
         else:
