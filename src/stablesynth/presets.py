@@ -214,9 +214,10 @@ register_preset(TaskPreset(
     ),
 ))
 
-# easy-VQA scenes are 64 × 64; the CPU encoder preset sees them at 32 px (16 patches of 8 px),
-# which keeps every shape and colour legible and the demo within its time budget.
+
+# easy-VQA scenes are 64 × 64; the default demo's encoder sees them at 32 px (16 tokens from a
+# small conv stem), which keeps every shape and colour legible and the demo within its budget.
 register_preset(TaskPreset(
-    name="easyvqa", task="open_qa", num_classes=13, encoder="allinone-cpu", image_size=32, text_len=16,
+    name="easyvqa", task="open_qa", num_classes=13, encoder="allinone-cpu-stem", image_size=32, text_len=16,
     description="the embedded easy-VQA device benchmark (13 answers)",
 ))

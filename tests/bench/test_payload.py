@@ -87,7 +87,7 @@ def test_presets_hold_the_papers_settings():
     ret = get_preset("msrvtt-ret")
     assert ret.driver_dim == 256 and ret.paper.retrieval["stablesynth"]["TR@10"] == 33.1
     ez = get_preset("easyvqa")
-    assert (ez.num_classes, ez.encoder) == (13, "allinone-cpu")
+    assert (ez.num_classes, ez.encoder) == (13, "allinone-cpu-stem")
     with pytest.raises(TypeError):
         qa.paper.accuracy["stablesynth"] = 99.0  # shared figures are read-only
     with pytest.raises(ValueError, match="num_classes"):

@@ -7,8 +7,9 @@ shape (:func:`~stablesynth.data.pretrain.scene_attributes`), so each scene has a
 :class:`CaptionPairs` turns the device benchmark's clips into rows of (clip, caption,
 match) that the encoder reads as it reads (clip, question) rows:
 
-- history (training): each clip with its own caption (match) and one distractor (no match)
-  that shares its colour or its shape, drawn from the clip's sample id;
+- history (training): each clip with its own caption (match) and one distractor (no match):
+  one sharing its colour, one sharing its shape or any other caption, with equal odds, drawn
+  from the clip's sample id;
 - real time (test): the first ``clips_per_device`` clips of each device's session, each with
   every one of the 24 captions, so one [clips × captions] score matrix gives retrieval in both
   directions and multiple choice (an item's five candidates are five of its columns).
@@ -33,6 +34,8 @@ from stablesynth.data.pretrain import scene_attributes
 CAPTIONS: tuple[tuple[str, str], ...] = tuple((c, s) for c in COLORS for s in SHAPES)
 #: Candidates per multiple-choice item (MSRVTT-MC's five).
 MC_CANDIDATES = 5
+#: Bump when the rows drawn for a config change (checkpoints and caches keyed on it go stale).
+ROWS_VERSION = 2
 
 
 def caption(colour: str, shape: str) -> str:
@@ -66,6 +69,21 @@ def distractors(true: int, rng: np.random.Generator, same_colour: int, n: int) -
         raise ValueError(f"{n} distractors need more than the {len(colours)} other colours")
     out = [caption_index(colour, str(s)) for s in rng.permutation(shapes)[:k]]
     return out + [caption_index(str(c), shape) for c in rng.permutation(colours)[:n - k]]
+
+
+def training_distractor(true: int, rng: np.random.Generator) -> int:
+    """One negative caption for a training row: with equal odds one sharing the colour, one sharing the
+    shape, or any other caption, so the model learns to reject each kind of mismatch (with only one
+    kind, it ranks the others arbitrarily)."""
+    colour, shape = CAPTIONS[true]
+    kind = int(rng.integers(3))
+    if kind == 0:
+        pool = [caption_index(colour, s) for s in SHAPES if s != shape]
+    elif kind == 1:
+        pool = [caption_index(c, shape) for c in COLORS if c != colour]
+    else:
+        pool = [c for c in range(len(CAPTIONS)) if c != true]
+    return pool[int(rng.integers(len(pool)))]
 
 
 def mc_candidates(true: int, rng: np.random.Generator, same_colour: int = 2,
@@ -111,7 +129,7 @@ class CaptionPairs:
         rows = []
         for r in torch.nonzero(self.clip_caption["history"] >= 0).flatten().tolist():
             true = int(self.clip_caption["history"][r])
-            wrong = distractors(true, self._rng(int(table.sample_id[r])), self.same_colour, 1)[0]
+            wrong = training_distractor(true, self._rng(int(table.sample_id[r])))
             rows += [(r, true, 1), (r, wrong, 0)]
         return torch.tensor(rows, dtype=torch.long).reshape(-1, 3)
 

@@ -72,7 +72,10 @@ class Generator(nn.Module):
     def factors(self, driver: torch.Tensor) -> dict[str, torch.Tensor]:
         raise NotImplementedError
 
-    def expand(self, factors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    def expand(self, factors: Mapping[str, torch.Tensor],
+               out: Mapping[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+        """Θ_d from ``factors``; with ``out`` (``{spec.name: [B, *spec.shape]}``, no autograd) written
+        into those tensors, which are returned, so a caller can expand straight into its own buffer."""
         raise NotImplementedError
 
     def shared(self) -> dict[str, torch.Tensor]:
@@ -104,6 +107,12 @@ def _default_linear_init(K: int, H: int) -> tuple[torch.Tensor, torch.Tensor]:
     # nn.Linear(H, K)'s own init, so an untrained base behaves like an untrained head.
     layer = nn.Linear(H, K)
     return layer.weight.detach().clone(), layer.bias.detach().clone()
+
+
+def _copy_into(out: Mapping[str, torch.Tensor], theta: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    for name, t in theta.items():
+        out[name].copy_(t)
+    return {name: out[name] for name in theta}
 
 
 @GENERATORS.register("full")
@@ -140,8 +149,10 @@ class FullGenerator(Generator):
             start += s.numel
         return out
 
-    def expand(self, factors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        return {s.name: factors[s.name] for s in self.specs}
+    def expand(self, factors: Mapping[str, torch.Tensor],
+               out: Mapping[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+        theta = {s.name: factors[s.name] for s in self.specs}
+        return theta if out is None else _copy_into(out, theta)
 
     @property
     def factor_numel(self) -> int:
@@ -200,11 +211,13 @@ class LowRankGenerator(Generator):
         vc = self.v_map(driver).reshape(B, self.H + 1, self.rank)
         return {"u": u, "v": vc[:, : self.H], "c": vc[:, self.H]}
 
-    def expand(self, factors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    def expand(self, factors: Mapping[str, torch.Tensor],
+               out: Mapping[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
         u, v, c = factors["u"], factors["v"], factors["c"]
         weight = self.W0 + torch.bmm(u, v.transpose(1, 2))
         bias = self.b0 + torch.bmm(u, c.unsqueeze(-1)).squeeze(-1)
-        return {self.weight_spec.name: weight, self.bias_spec.name: bias}
+        theta = {self.weight_spec.name: weight, self.bias_spec.name: bias}
+        return theta if out is None else _copy_into(out, theta)
 
     @property
     def factor_numel(self) -> int:
@@ -262,11 +275,18 @@ class FiLMGenerator(Generator):
         return {"row_scale": row[:, : self.K], "row_shift": row[:, self.K:],
                 "col_scale": self.col_map(driver)}
 
-    def expand(self, factors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    def expand(self, factors: Mapping[str, torch.Tensor],
+               out: Mapping[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
         g_row = 1.0 + factors["row_scale"]
         g_col = 1.0 + factors["col_scale"]
-        weight = self.W0 * g_row.unsqueeze(-1) * g_col.unsqueeze(1)
-        bias = self.b0 * g_row + factors["row_shift"]
+        if out is None:
+            weight = self.W0 * g_row.unsqueeze(-1) * g_col.unsqueeze(1)
+            bias = self.b0 * g_row + factors["row_shift"]
+            return {self.weight_spec.name: weight, self.bias_spec.name: bias}
+        # The same operations in the same order (so the same bits), without a temporary of Θ_d's size.
+        weight, bias = out[self.weight_spec.name], out[self.bias_spec.name]
+        torch.mul(self.W0, g_row.unsqueeze(-1), out=weight).mul_(g_col.unsqueeze(1))
+        torch.mul(self.b0, g_row, out=bias).add_(factors["row_shift"])
         return {self.weight_spec.name: weight, self.bias_spec.name: bias}
 
     @property

@@ -22,6 +22,9 @@ from stablesynth.methods.base import Method
 from stablesynth.methods.baselines import HyperMethod
 from stablesynth.serving.protocol import ENCODINGS, PARAM_ENCODINGS
 
+#: What is sent for uploads: ``{name: [B, *shape]}``.
+Outputs = Mapping[str, torch.Tensor]
+
 
 @dataclass
 class CloudModel:
@@ -79,29 +82,46 @@ class CloudModel:
         return (encoding in PARAM_ENCODINGS and getattr(self.method, "generator", None) is not None
                 and type(self.method).adapt is HyperMethod.adapt and self.device.type == "cpu")
 
-    def compute_each(self, uploads: torch.Tensor, encoding: str) -> Callable[[int], dict[str, torch.Tensor]]:
-        """What to send for each upload, as a function of ``i`` giving ``{name: [1, *shape]}`` on the CPU.
+    def compute_each(self, uploads: torch.Tensor, encoding: str) -> Callable[[slice, Outputs | None], Outputs]:
+        """What to send for the uploads of ``part`` (a slice of the batch), as a function of ``part``
+        (and optionally ``out``) giving ``{name: [n, *shape]}`` on the CPU; with ``out`` (float32
+        tensors of :meth:`output_shapes`) the result is written into those tensors.
 
         Θ_d is large (582 KB per upload at K = 1501, 37 MB for a batch of 64): written out for a
         whole batch it leaves the CPU cache and costs fresh memory (page faults) before it is
         even encoded. So when :meth:`expands_each` (the Θ_d encodings of a generator method on
         the CPU), the driver and the generator's factors are computed for the whole batch, one
-        call each, and upload ``i``'s Θ_d is expanded only when asked for, to be encoded and
-        checksummed while it is still in the cache. Otherwise this is :meth:`compute_batch`.
-        Errors of the batched part are raised here, those of one upload's expansion by its call.
+        call each, and the Θ_d of a few uploads is expanded only when asked for, straight into
+        ``out`` (the reply frames themselves in fp32), to be encoded and checksummed while it is
+        still in the cache. Otherwise this is :meth:`compute_batch`. Errors of the batched part
+        are raised here, those of one part's expansion by its call.
         """
         if self.expands_each(encoding):
             gen = self.method.generator
             with torch.inference_mode():
                 factors = gen.factors(self.method.driver(uploads.cpu()))
 
-            def expand(i: int) -> dict[str, torch.Tensor]:
+            def expand(part: slice, out: Outputs | None = None) -> Outputs:
                 with torch.inference_mode():
-                    return gen.expand({k: v[i:i + 1] for k, v in factors.items()})
+                    return gen.expand({k: v[part] for k, v in factors.items()}, out=out)
 
             return expand
-        out = {k: v.to("cpu") for k, v in self.compute_batch(uploads, encoding).items()}
-        return lambda i: {k: v[i:i + 1] for k, v in out.items()}
+        batch = {k: v.to("cpu") for k, v in self.compute_batch(uploads, encoding).items()}
+
+        def select(part: slice, out: Outputs | None = None) -> Outputs:
+            if out is None:
+                return {k: v[part] for k, v in batch.items()}
+            for k, v in batch.items():
+                out[k].copy_(v[part])
+            return dict(out)
+
+        return select
+
+    def output_shapes(self, encoding: str) -> dict[str, tuple[int, ...]]:
+        """``{name: shape}`` of what is sent for one upload in a Θ_d encoding (from the generator's specs)."""
+        if encoding not in PARAM_ENCODINGS or getattr(self.method, "generator", None) is None:
+            raise ValueError(f"output shapes are known for the Θ_d encodings of a generator method, not {encoding!r}")
+        return {s.name: tuple(s.shape) for s in self.method.generator.specs}
 
     def describe(self) -> dict[str, Any]:
         gen = getattr(self.method, "generator", None)

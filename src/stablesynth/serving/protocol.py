@@ -56,6 +56,8 @@ from typing import Final, Literal
 import numpy as np
 import torch
 
+from stablesynth.serving.crc import crc32
+
 # The upload side lives in uploads.py; its names stay importable from here.
 from stablesynth.serving.uploads import (  # noqa: F401
     MAX_UPLOAD_ABS,
@@ -102,7 +104,7 @@ _HEADER_KEYS: Final = frozenset({"model_id", "model_version", "encoding", "tenso
 def payload_checksum(algorithm: str, payload: bytes | memoryview) -> str:
     """The hex checksum of ``payload`` under ``algorithm`` (one of :data:`CHECKSUMS`)."""
     if algorithm == "crc32":
-        return f"{zlib.crc32(payload):08x}"
+        return f"{crc32(payload):08x}"
     if algorithm == "sha256":
         return hashlib.sha256(payload).hexdigest()
     raise ValueError(f"unknown checksum {algorithm!r} (known: {', '.join(CHECKSUMS)})")
