@@ -21,6 +21,7 @@ Methods that need answer classes (the label-prior baseline) do not apply and are
 from __future__ import annotations
 
 import copy
+import shutil
 import time
 from typing import Any
 
@@ -39,7 +40,7 @@ from stablesynth.experiment.workspace import Workspace, drop_stale_checkpoint
 from stablesynth.methods import METHODS, Method, MethodConfig
 from stablesynth.methods.pairs import PairModel, pair_method_class, pair_scores
 from stablesynth.presets import get_preset
-from stablesynth.training.features import extract_features, load_features, module_fingerprint
+from stablesynth.training.features import FeatureCacheError, extract_features, load_features, module_fingerprint
 from stablesynth.training.stage1 import Stage1Config, train_stage1
 
 TASKS: tuple[str, ...] = ("qa", "mc", "ret")
@@ -129,10 +130,21 @@ class CaptionRun:
         batches = PairBatches(self.pairs, split, index, bs)
         key = {"encoder": module_fingerprint(encoder), "benchmark": self.run.bench.fingerprint(), "split": split,
                "devices": devices, "rows": len(index), "captions": self._key()}
-        path = extract_features(encoder, lambda: batches, len(batches), self.ws.out / "features" / f"{tag}-{split}",
-                                key, desc=f"features captions {tag}/{split}", device=self.ws.device)
-        encoder.cpu()
-        return load_features(path)
+        cache_dir = self.ws.out / "features" / f"{tag}-{split}"
+
+        def extract() -> dict[str, torch.Tensor]:
+            return load_features(extract_features(encoder, lambda: batches, len(batches), cache_dir, key,
+                                                  desc=f"features captions {tag}/{split}", device=self.ws.device))
+
+        try:
+            return extract()
+        except FeatureCacheError as exc:
+            # Made by another encoder or for other rows: worthless now, so rebuild it once.
+            self.ws.log(f"rebuilding {cache_dir}: {str(exc).split(';')[0]}")
+            shutil.rmtree(cache_dir)
+            return extract()
+        finally:
+            encoder.cpu()
 
     def cache_features(self) -> None:
         t = time.perf_counter()
