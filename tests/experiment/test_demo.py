@@ -39,6 +39,9 @@ def test_quick_demo_writes_valid_results_and_plots(quick_run: Path):
     assert enc["factors"]["accuracy"] == enc["fp32"]["accuracy"] == enc["driver"]["accuracy"]
     assert enc["driver"]["bytes"] < enc["factors"]["bytes"] < enc["fp32"]["bytes"]
     assert enc["int8"]["bytes"] < enc["fp16"]["bytes"] < enc["fp32"]["bytes"]
+    by_type = results["informative"]["by_question_type"]
+    assert set(by_type) <= {"shape", "color", "yes_no_shape", "yes_no_color"} and by_type
+    assert all(q["worst"] <= q["mean"] + 1e-9 for q in by_type.values())
     diag = results["diagnostics"]
     assert 0.0 <= diag["device_probe_accuracy"] <= 1.0 and diag["chance"] == pytest.approx(1 / 3)
 

@@ -157,6 +157,12 @@ def _qa_sections(results: dict[str, Any]) -> list[str]:
             inf.get("verdict", ""),
             "",
         ]
+        if inf.get("by_question_type"):
+            lines += ["The global head by question type (all real-time clips; the worst device's accuracy beside):",
+                      "", "| question type | accuracy | worst device |", "|---|---|---|"]
+            lines += [f"| {t} | {_pct(q['mean'])} | {_pct(q['worst'])} (device {q['worst_device']}) |"
+                      for t, q in inf["by_question_type"].items()]
+            lines.append("")
     diag = results.get("diagnostics")
     if diag and oracle_summary(results):
         o = oracle_summary(results)

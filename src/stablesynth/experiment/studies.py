@@ -20,6 +20,7 @@ from tqdm.auto import tqdm
 
 from stablesynth.config import Config
 from stablesynth.data.batch import FeatureBatch
+from stablesynth.data.easyvqa import QUESTION_TYPES
 from stablesynth.evaluation.metrics import accuracy, accuracy_block, accuracy_by_device, per_device_summary
 from stablesynth.experiment.workspace import Workspace
 from stablesynth.methods import Method
@@ -169,7 +170,23 @@ def informative_check(ws: Workspace, base: Method, realtime: FeatureBatch, oracl
     verdict += (" The benchmark is informative." if gain >= 0.02 else
                 " That is too little for adaptation to show: treat the comparison below with care.")
     return {"global_clean": g_clean, "global_seen": g_seen, "global_unseen": g_unseen,
-            "oracle_seen": o_seen, "oracle_unseen": o_unseen, "verdict": verdict}
+            "oracle_seen": o_seen, "oracle_unseen": o_unseen, "verdict": verdict,
+            "by_question_type": _by_question_type(ws, preds, realtime)}
+
+
+def _by_question_type(ws: Workspace, preds: torch.Tensor, realtime: FeatureBatch) -> dict[str, dict[str, float]]:
+    """The global head per question type: its mean over all clips and its worst device."""
+    qtype = ws.rows["realtime"]["question_type"]
+    out = {}
+    for t, name in enumerate(QUESTION_TYPES):
+        sel = qtype == t
+        if not bool(sel.any()):
+            continue
+        per_dev = accuracy_by_device(preds[sel], realtime.label[sel], realtime.device[sel])
+        worst = min(per_dev, key=lambda d: per_dev[d])
+        out[name] = {"mean": accuracy(preds[sel], realtime.label[sel]), "worst": per_dev[worst],
+                     "worst_device": int(worst)}
+    return out
 
 
 def diagnostics(ws: Workspace, base: Method, history: FeatureBatch, realtime: FeatureBatch,
