@@ -9,18 +9,15 @@ import numpy as np
 import pytest
 
 from stablesynth.data.easyvqa import COLORS, SHAPES, load_easyvqa
-from stablesynth.data.export import NEUTRAL, easyvqa_scenes, export_msrvtt, mc_options, pick_codec, render_scene
+from stablesynth.data.export import MP4_CODECS, NEUTRAL, easyvqa_scenes, export_msrvtt, mc_options, render_scene
 from stablesynth.data.msrvtt_formats import read_msrvtt_mc, read_msrvtt_retrieval
 from stablesynth.data.qa_formats import read_msrvtt_qa
 from stablesynth.data.video import read_frames
 
 
 @pytest.fixture(scope="module")
-def exported(tmp_path_factory) -> tuple[Path, dict]:
-    try:
-        codec = pick_codec()
-    except RuntimeError as exc:
-        pytest.skip(str(exc))
+def exported(tmp_path_factory, pick_codec) -> tuple[Path, dict]:
+    codec = pick_codec(MP4_CODECS)  # skips without an mp4 encoder
     root = tmp_path_factory.mktemp("export")
     return root, export_msrvtt(root, n_train=6, n_val=2, n_test=30, frames=3, size=32, codec=codec)
 

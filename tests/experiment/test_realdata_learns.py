@@ -25,7 +25,7 @@ import pytest
 import yaml
 
 from stablesynth.cli import main
-from stablesynth.data.export import export_msrvtt, pick_codec
+from stablesynth.data.export import MP4_CODECS, export_msrvtt
 from stablesynth.evaluation.schema import load_results
 
 pytestmark = pytest.mark.slow
@@ -50,11 +50,8 @@ METHODS = ("fine_tune", "stablesynth")
 
 
 @pytest.fixture(scope="module")
-def dataset(tmp_path_factory) -> tuple[Path, dict]:
-    try:
-        codec = pick_codec()
-    except RuntimeError as exc:
-        pytest.skip(str(exc))
+def dataset(tmp_path_factory, pick_codec) -> tuple[Path, dict]:
+    codec = pick_codec(MP4_CODECS)  # skips without an mp4 encoder
     root = tmp_path_factory.mktemp("easyvqa-msrvtt")
     summary = export_msrvtt(root, n_train=N_TRAIN, n_test=N_TEST, mc_same_colour=0, codec=codec)
     return root, summary

@@ -165,12 +165,6 @@ class CaptionPairs:
             answers.append(a)
         return torch.tensor(options, dtype=torch.long), torch.tensor(answers, dtype=torch.long)
 
-    def __len__(self) -> int:
-        return sum(len(v) for v in self.rows.values())
-
-    def count(self, split: str, devices: Sequence[int] | str | None = None) -> int:
-        return len(self.select(split, devices))
-
     def select(self, split: str, devices: Sequence[int] | str | None = None) -> torch.Tensor:
         """Indices into ``rows[split]`` of the rows whose clips belong to ``devices`` (as DeviceBenchmark.rows)."""
         clips = self.bench.rows(split, devices)

@@ -45,20 +45,15 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from stablesynth.data.captions import CAPTIONS, MC_CANDIDATES, caption, caption_index, mc_candidates
 from stablesynth.data.easyvqa import COLORS, SHAPES, EasyVQA, load_easyvqa
 from stablesynth.data.pretrain import scene_attributes
 
 #: mp4 encoders tried in order: MPEG-4 Part 2 decodes about twice as fast as H.264 (MSRVTT's own
 #: codec, which ``codec="libx264"`` writes) and is in every FFmpeg build.
 MP4_CODECS: tuple[str, ...] = ("mpeg4", "libx264", "h264")
-#: Captions: one per (colour, shape).
-CAPTIONS: tuple[tuple[str, str], ...] = tuple((c, s) for c in COLORS for s in SHAPES)
 #: Background of a rendered clip: the DeiT mean colour, which the encoder's input normalisation maps to 0.
 NEUTRAL: tuple[int, int, int] = (124, 116, 104)
-
-
-def caption(colour: str, shape: str) -> str:
-    return f"a {colour} {shape}"
 
 
 @dataclass(frozen=True)
@@ -185,17 +180,11 @@ def _test_order(scenes: list[Scene], rng: np.random.Generator) -> list[Scene]:
 
 
 def mc_options(scene: Scene, rng: np.random.Generator, same_colour: int = 0,
-               candidates: int = 5) -> tuple[list[str], int]:
-    """The clip's caption among distractors that share its colour (``same_colour``) or its shape."""
-    colours = [c for c in COLORS if c != scene.colour]
-    shapes = [s for s in SHAPES if s != scene.shape]
-    n_colour = min(same_colour, len(shapes), candidates - 1)
-    picked = [caption(scene.colour, s) for s in rng.permutation(shapes)[:n_colour]]
-    picked += [caption(c, scene.shape) for c in rng.permutation(colours)[:candidates - 1 - n_colour]]
-    options = [scene.caption, *picked]
-    order = rng.permutation(len(options)).tolist()
-    options = [options[i] for i in order]
-    return options, options.index(scene.caption)
+               candidates: int = MC_CANDIDATES) -> tuple[list[str], int]:
+    """The clip's caption among distractors that share its colour (``same_colour``) or its shape
+    (:func:`~stablesynth.data.captions.mc_candidates`, as sentences)."""
+    options, answer = mc_candidates(caption_index(scene.colour, scene.shape), rng, same_colour, candidates)
+    return [caption(*CAPTIONS[o]) for o in options], answer
 
 
 def _write_jsonl(path: Path, rows: Iterable[dict[str, Any]]) -> None:

@@ -21,8 +21,8 @@ Methods that need answer classes (the label-prior baseline) do not apply and are
 from __future__ import annotations
 
 import copy
-import shutil
 import time
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -38,12 +38,11 @@ from stablesynth.experiment.results import method_entry
 from stablesynth.experiment.studies import tune_device_heads
 from stablesynth.experiment.workspace import Workspace, drop_stale_checkpoint
 from stablesynth.methods import METHODS, Method, MethodConfig
-from stablesynth.methods.pairs import PairModel, pair_method_class, pair_scores
+from stablesynth.methods.pairs import PairModel, pair_method_class, pair_scores, two_logits
 from stablesynth.presets import get_preset
-from stablesynth.training.features import FeatureCacheError, extract_features, load_features, module_fingerprint
+from stablesynth.training.features import cached_features, extract_features, module_fingerprint
 from stablesynth.training.stage1 import Stage1Config, train_stage1
 
-TASKS: tuple[str, ...] = ("qa", "mc", "ret")
 MODES: tuple[str, ...] = ("per_sample", "per_session")
 
 
@@ -82,6 +81,12 @@ class CaptionRun:
             validation_ids=base.validation_ids,
         )
         self.ws.out.mkdir(parents=True, exist_ok=True)
+        # The scored clips, in score-matrix row order: their captions, devices and MC items.
+        clip_rows = self.pairs.test_clip_rows
+        self.clip_caps = self.pairs.clip_caption["realtime"][clip_rows]
+        self.clip_device = run.bench.splits["realtime"].device[clip_rows]
+        self.clip_seen = torch.isin(self.clip_device, torch.tensor(sorted(self.ws.seen)))
+        self.mc_options, self.mc_answers = self.pairs.mc_items()
 
     def _key(self) -> dict[str, Any]:
         """What the matching model's rows depend on (its stage-1 and cache keys)."""
@@ -132,17 +137,12 @@ class CaptionRun:
                "devices": devices, "rows": len(index), "captions": self._key()}
         cache_dir = self.ws.out / "features" / f"{tag}-{split}"
 
-        def extract() -> dict[str, torch.Tensor]:
-            return load_features(extract_features(encoder, lambda: batches, len(batches), cache_dir, key,
-                                                  desc=f"features captions {tag}/{split}", device=self.ws.device))
+        def extract() -> Path:
+            return extract_features(encoder, lambda: batches, len(batches), cache_dir, key,
+                                    desc=f"features captions {tag}/{split}", device=self.ws.device)
 
         try:
-            return extract()
-        except FeatureCacheError as exc:
-            # Made by another encoder or for other rows: worthless now, so rebuild it once.
-            self.ws.log(f"rebuilding {cache_dir}: {str(exc).split(';')[0]}")
-            shutil.rmtree(cache_dir)
-            return extract()
+            return cached_features(extract, cache_dir, self.ws.log)
         finally:
             encoder.cpu()
 
@@ -162,25 +162,20 @@ class CaptionRun:
         """Both tasks' figures from one [clips × captions] score vector (row order of the real-time rows)."""
         n_cap = len(CAPTIONS)
         sim = scores.view(-1, n_cap)
-        clip_rows = self.pairs.test_clip_rows
-        caps = self.pairs.clip_caption["realtime"][clip_rows]
-        device = self.run.bench.splits["realtime"].device[clip_rows]
-        options, answers = self._mc
-        hits = mc_hits(sim, options, answers)
+        caps, device = self.clip_caps, self.clip_device
+        hits = mc_hits(sim, self.mc_options, self.mc_answers)
         seen = self.ws.seen
         mc_dev = {int(d): float(hits[device == d].double().mean()) for d in device.unique().tolist()}
         session = {int(d): caption_recall(sim[device == d], caps[device == d]) for d in device.unique().tolist()}
         ret = {"accuracy": accuracy_block({d: r["VR@1"] for d, r in session.items()}, seen),
                "session": _group_means(session, seen), "pooled": {}}
-        for group in ("seen", "unseen"):
-            mask = torch.isin(device, torch.tensor(sorted(seen))) == (group == "seen")
+        for group, mask in (("seen", self.clip_seen), ("unseen", ~self.clip_seen)):
             if mask.any():
                 ret["pooled"][group] = caption_recall(sim[mask], caps[mask])
         return {"mc": {"accuracy": accuracy_block(mc_dev, seen), "all": float(hits.double().mean())}, "ret": ret}
 
     def evaluate(self) -> dict[str, dict[str, Any]]:
         ws = self.ws
-        self._mc = self.pairs.mc_items()
         out: dict[str, dict[str, Any]] = {"mc": {}, "ret": {}}
         for name in self.run.cfg.methods:
             if self.method_class(name).needs_answer_classes:
@@ -207,7 +202,7 @@ class CaptionRun:
         ws = self.ws
         realtime = ws.data("realtime")
         heads, seconds = tune_device_heads(ws, self.run.cfg.oracle, ws.data("history"),
-                                           realtime.device.unique().tolist(), logits=_two_logits)
+                                           realtime.device.unique().tolist(), logits=two_logits)
         scores = torch.empty(len(realtime), dtype=torch.float64)
         with torch.inference_mode():
             for d, head in heads.items():
@@ -217,10 +212,6 @@ class CaptionRun:
         med = sorted(seconds.values())[len(seconds) // 2]
         return {task: {**res[task], "finetune_seconds": {"median": med, "per_device": seconds}}
                 for task in ("mc", "ret")}
-
-
-def _two_logits(s: torch.Tensor) -> torch.Tensor:
-    return torch.cat([torch.zeros_like(s), s], dim=-1)
 
 
 def _group_means(per_device: dict[int, dict[str, float]], seen: set[int]) -> dict[str, dict[str, float]]:
@@ -241,11 +232,8 @@ def run_caption_tasks(run: Any, cfg: CaptionTaskConfig, tasks: set[str], oracle:
     methods = cr.evaluate()
     oracles = cr.oracle() if oracle else {}
     devices = [{"id": d.id, "seen": d.seen} for d in run.bench.devices]
-    clip_rows = cr.pairs.test_clip_rows
-    caps = cr.pairs.clip_caption["realtime"][clip_rows]
-    device = run.bench.splits["realtime"].device[clip_rows]
-    seen_mask = torch.isin(device, torch.tensor(sorted(cr.ws.seen)))
-    common = {"devices": devices, "clips": len(clip_rows), "clips_per_device": cfg.clips_per_device,
+    caps, device, seen_mask = cr.clip_caps, cr.clip_device, cr.clip_seen
+    common = {"devices": devices, "clips": len(caps), "clips_per_device": cfg.clips_per_device,
               "captions": len(CAPTIONS), "train_rows": len(cr.pairs.select("history", "train")),
               "stage1": cr.ws.stage1_info, "timings": cr.ws.timings, "seconds": time.perf_counter() - t0}
     out: dict[str, Any] = {}

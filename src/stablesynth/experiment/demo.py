@@ -38,7 +38,7 @@ from stablesynth.methods import METHODS, Method, MethodConfig, default_method_co
 from stablesynth.models.encoder import ENCODERS, create_model
 from stablesynth.models.global_model import GlobalModel
 from stablesynth.presets import get_preset
-from stablesynth.training.features import FeatureCacheError, extract_features, load_features, module_fingerprint
+from stablesynth.training.features import cached_features, extract_features, module_fingerprint
 from stablesynth.training.stage0 import Stage0Config, load_stage0, pretrain_stage0
 from stablesynth.training.stage1 import Stage1Config, train_stage1
 
@@ -207,12 +207,7 @@ class DemoRun:
             )
 
         try:
-            return load_features(extract())
-        except FeatureCacheError as exc:
-            # Stale (another encoder, other clips) or damaged: its rows are worthless, so rebuild once.
-            self.ws.log(f"rebuilding {cache_dir}: {str(exc).split(';')[0]}")
-            shutil.rmtree(cache_dir)
-            return load_features(extract())
+            return cached_features(extract, cache_dir, self.ws.log)
         finally:
             encoder.cpu()
 

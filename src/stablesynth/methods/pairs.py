@@ -18,7 +18,8 @@ from stablesynth.methods.base import Method
 from stablesynth.models.global_model import GlobalModel
 
 
-def _two_logits(s: torch.Tensor) -> torch.Tensor:
+def two_logits(s: torch.Tensor) -> torch.Tensor:
+    """One matching score s [B, 1] as the 2-way ITM logits (0, s) [B, 2]."""
     return torch.cat([torch.zeros_like(s), s], dim=-1)
 
 
@@ -26,14 +27,14 @@ class PairModel(GlobalModel):
     """Stage 1 for pair tasks: the K = 1 logit s as ITM logits (0, s), so stage 1's CE is binary CE."""
 
     def forward(self, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
-        return _two_logits(super().forward(batch))
+        return two_logits(super().forward(batch))
 
 
 class _PairLogits:
     """Mixed into a method: its device step returns (0, s) for the single generated logit s."""
 
     def predict(self, f_g: torch.Tensor, params: Mapping[str, torch.Tensor]) -> torch.Tensor:
-        return _two_logits(super().predict(f_g, params))  # type: ignore[misc]
+        return two_logits(super().predict(f_g, params))  # type: ignore[misc]
 
 
 _PAIR_CLASSES: dict[type, type] = {}

@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -167,6 +168,18 @@ def load_features(cache_dir: Path) -> dict[str, torch.Tensor]:
         for k, v in rows.items():
             parts.setdefault(k, []).append(v)
     return {k: torch.cat(v) for k, v in parts.items()}
+
+
+def cached_features(extract: Callable[[], Path], cache_dir: Path, log: Callable[[str], None]
+                    ) -> dict[str, torch.Tensor]:
+    """``load_features(extract())``; a cache that is stale (another encoder, other rows) or damaged is
+    worthless, so it is deleted and extracted once more."""
+    try:
+        return load_features(extract())
+    except FeatureCacheError as exc:
+        log(f"rebuilding {cache_dir}: {str(exc).split(';')[0]}")
+        shutil.rmtree(cache_dir)
+        return load_features(extract())
 
 
 def to_feature_batch(rows: Mapping[str, torch.Tensor], category: str = "answer") -> FeatureBatch:
