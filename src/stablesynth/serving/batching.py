@@ -34,6 +34,10 @@ GROUP_BYTES = 3 << 20
 _MODEL_ERRORS = (ValueError, RuntimeError, FloatingPointError)
 
 
+class _ExpansionError(Exception):
+    """The model failed while expanding a group's Θ_d (the cause is attached)."""
+
+
 class OutputError(ValueError):
     """This one upload's output cannot be sent (NaN/Inf, out of the encoding's range)."""
 
@@ -224,12 +228,20 @@ class Batcher:
     def _group(self, writer: FrameWriter, shapes: dict[str, tuple[int, ...]],
                each: Callable[[slice, Any], Any], lo: int, hi: int) -> list[memoryview | Exception]:
         """Frames (or errors) of uploads ``lo:hi``; if their expansion fails, each is tried alone."""
+
+        def fill(out: dict[str, torch.Tensor]) -> None:
+            # Only the model's own failures are the upload's fault; the writer's would be ours (a 500).
+            try:
+                each(slice(lo, hi), out)
+            except _MODEL_ERRORS as exc:
+                raise _ExpansionError(exc) from exc
+
         try:
-            frames = writer.write_into(shapes, lambda out: each(slice(lo, hi), out), hi - lo)
-        except _MODEL_ERRORS as exc:
+            frames = writer.write_into(shapes, fill, hi - lo)
+        except _ExpansionError as err:
             if hi - lo > 1:  # find the upload that fails; its group-mates still get their frames
                 return [f for i in range(lo, hi) for f in self._group(writer, shapes, each, i, i + 1)]
-            return [OutputError(f"the model cannot adapt to this upload: {exc}")]
+            return [OutputError(f"the model cannot adapt to this upload: {err.__cause__}")]
         return [OutputError(str(f)) if isinstance(f, ValueError) else f for f in frames]
 
 
