@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import copy
 import time
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -40,7 +39,7 @@ from stablesynth.experiment.workspace import Workspace, drop_stale_checkpoint
 from stablesynth.methods import METHODS, Method, MethodConfig
 from stablesynth.methods.pairs import PairModel, pair_method_class, pair_scores, two_logits
 from stablesynth.presets import get_preset
-from stablesynth.training.features import cached_features, extract_features, module_fingerprint
+from stablesynth.training.features import cached_features, module_fingerprint
 from stablesynth.training.stage1 import Stage1Config, train_stage1
 
 MODES: tuple[str, ...] = ("per_sample", "per_session")
@@ -135,16 +134,8 @@ class CaptionRun:
         batches = PairBatches(self.pairs, split, index, bs)
         key = {"encoder": module_fingerprint(encoder), "benchmark": self.run.bench.fingerprint(), "split": split,
                "devices": devices, "rows": len(index), "captions": self._key()}
-        cache_dir = self.ws.out / "features" / f"{tag}-{split}"
-
-        def extract() -> Path:
-            return extract_features(encoder, lambda: batches, len(batches), cache_dir, key,
-                                    desc=f"features captions {tag}/{split}", device=self.ws.device)
-
-        try:
-            return cached_features(extract, cache_dir, self.ws.log)
-        finally:
-            encoder.cpu()
+        return cached_features(encoder, lambda: batches, len(batches), self.ws.out / "features" / f"{tag}-{split}",
+                               key, f"features captions {tag}/{split}", self.ws.log, self.ws.device)
 
     def cache_features(self) -> None:
         t = time.perf_counter()

@@ -38,7 +38,7 @@ from stablesynth.methods import METHODS, Method, MethodConfig, default_method_co
 from stablesynth.models.encoder import ENCODERS, create_model
 from stablesynth.models.global_model import GlobalModel
 from stablesynth.presets import get_preset
-from stablesynth.training.features import cached_features, extract_features, module_fingerprint
+from stablesynth.training.features import cached_features, module_fingerprint
 from stablesynth.training.stage0 import Stage0Config, load_stage0, pretrain_stage0
 from stablesynth.training.stage1 import Stage1Config, train_stage1
 
@@ -198,18 +198,10 @@ class DemoRun:
                "devices": devices, "clean": clean, "clips": len(rows)}
         cache_dir = self.ws.out / "features" / f"{tag}-{split}{'-clean' if clean else ''}"
 
-        def extract() -> Path:
-            return extract_features(
-                encoder,
-                lambda: make_loader(self.bench, split, devices, batch_size=cfg.eval_batch_size, clean=clean),
-                n_batches, cache_dir, key, desc=f"features {tag}/{split}{' (clean)' if clean else ''}",
-                device=self.ws.device,
-            )
-
-        try:
-            return cached_features(extract, cache_dir, self.ws.log)
-        finally:
-            encoder.cpu()
+        return cached_features(
+            encoder, lambda: make_loader(self.bench, split, devices, batch_size=cfg.eval_batch_size, clean=clean),
+            n_batches, cache_dir, key, f"features {tag}/{split}{' (clean)' if clean else ''}", self.ws.log,
+            self.ws.device)
 
     def cache_features(self) -> None:
         t = time.perf_counter()

@@ -170,16 +170,24 @@ def load_features(cache_dir: Path) -> dict[str, torch.Tensor]:
     return {k: torch.cat(v) for k, v in parts.items()}
 
 
-def cached_features(extract: Callable[[], Path], cache_dir: Path, log: Callable[[str], None]
-                    ) -> dict[str, torch.Tensor]:
-    """``load_features(extract())``; a cache that is stale (another encoder, other rows) or damaged is
-    worthless, so it is deleted and extracted once more."""
+def cached_features(encoder: torch.nn.Module, batches: Callable[[], Iterable[Mapping[str, torch.Tensor]]],
+                    n_batches: int, cache_dir: Path, key: Mapping[str, Any], desc: str,
+                    log: Callable[[str], None], device: torch.device | str | None = None) -> dict[str, torch.Tensor]:
+    """The rows of :func:`extract_features` (single process), loaded; the encoder is back on the CPU after.
+
+    A cache that is stale (another encoder, other rows) or damaged is worthless, so it is
+    deleted and extracted once more."""
+    def extract() -> dict[str, torch.Tensor]:
+        return load_features(extract_features(encoder, batches, n_batches, cache_dir, key, desc=desc, device=device))
+
     try:
-        return load_features(extract())
+        return extract()
     except FeatureCacheError as exc:
         log(f"rebuilding {cache_dir}: {str(exc).split(';')[0]}")
         shutil.rmtree(cache_dir)
-        return load_features(extract())
+        return extract()
+    finally:
+        encoder.cpu()
 
 
 def to_feature_batch(rows: Mapping[str, torch.Tensor], category: str = "answer") -> FeatureBatch:
