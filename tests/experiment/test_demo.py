@@ -42,6 +42,8 @@ def test_quick_demo_writes_valid_results_and_plots(quick_run: Path):
     by_type = results["informative"]["by_question_type"]
     assert set(by_type) <= {"shape", "color", "yes_no_shape", "yes_no_color"} and by_type
     assert all(q["worst"] <= q["mean"] + 1e-9 for q in by_type.values())
+    assert all(q["worst_low"] <= q["worst"] <= q["worst_high"] and q["worst_n"] >= 1 for q in by_type.values())
+    assert all(q["clearly_below_goal"] <= q["below_goal"] <= q["devices"] for q in by_type.values())
     diag = results["diagnostics"]
     assert 0.0 <= diag["device_probe_accuracy"] <= 1.0 and diag["chance"] == pytest.approx(1 / 3)
 

@@ -103,3 +103,25 @@ def test_projectors():
         MLPProjector()(torch.full((1, 192), float("nan")))
     with pytest.raises(ValueError, match=r"\[B, T>=1, 192\]"):
         seq(torch.randn(2, 192))
+
+
+@pytest.mark.parametrize("name", ["lowrank", "film"])
+def test_magnitude_bound_holds_and_follows_the_base(name):
+    torch.manual_seed(1)
+    gen = create_generator(name, dynamic_specs(K), D, init=_init())
+    with torch.no_grad():
+        for p in gen.parameters():
+            p.add_(0.5 * torch.randn_like(p))
+    with torch.no_grad():
+        for scale in (1.0, 100.0):  # the remembered max|W0| must follow an in-place change
+            gen.W0.mul_(scale)
+            factors = gen.factors(3.0 * torch.randn(16, D))
+            theta = gen.expand(factors)
+            reached = torch.stack([torch.maximum(theta["weight"][i].abs().max(), theta["bias"][i].abs().max())
+                                   for i in range(16)]).double()
+            bound = gen.magnitude_bound(factors)
+            assert bound.shape == (16,) and bool((reached <= bound).all())
+            assert bool((bound <= 10 * reached).all())  # a bound, not a wild overestimate
+        factors["row_shift" if name == "film" else "c"][2, 0] = float("nan")
+        assert not bool(torch.isfinite(gen.magnitude_bound(factors)[2]))
+    assert create_generator("full", dynamic_specs(K), D).magnitude_bound(factors) is None

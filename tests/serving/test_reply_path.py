@@ -75,6 +75,35 @@ def test_frames_written_in_place_equal_frames_of_the_tensors(encoding: str) -> N
             [protocol.encode({k: v[i] for k, v in batch.items()}, encoding, "m", "v") for i in range(4)]
 
 
+@pytest.mark.parametrize("encoding", protocol.PARAM_ENCODINGS)
+def test_a_bound_given_beforehand_changes_no_byte(encoding: str) -> None:
+    g = torch.Generator().manual_seed(4)
+    batch = {"weight": torch.randn(3, 7, 5, generator=g) * 100, "bias": torch.randn(3, 7, generator=g)}
+    writer = FrameWriter(encoding, "m", "v")
+
+    def fill(out: dict[str, torch.Tensor]) -> None:
+        for name, t in out.items():
+            t.copy_(batch[name])
+
+    plain = [bytes(f) for f in writer.write_into({"weight": (7, 5), "bias": (7,)}, fill, 3)]
+    for bounds in ([1e3] * 3, [1e5] * 3, [1e3, float("nan"), 1e3]):
+        frames = writer.write_into({"weight": (7, 5), "bias": (7,)}, fill, 3, np.array(bounds))
+        assert [bytes(f) for f in frames] == plain
+
+
+def test_a_bound_beyond_fp16s_range_keeps_its_check() -> None:
+    batch = {"weight": torch.ones(2, 4, 2), "bias": torch.zeros(2, 4)}
+    batch["weight"][1, 0, 0] = 7e4
+
+    def fill(out: dict[str, torch.Tensor]) -> None:
+        for name, t in out.items():
+            t.copy_(batch[name])
+
+    for bounds in (np.array([1.0, 7e4]), np.array([1.0, float("inf")]), None):
+        frames = FrameWriter("fp16", "m", "v").write_into({"weight": (4, 2), "bias": (4,)}, fill, 2, bounds)
+        assert isinstance(frames[0], memoryview) and isinstance(frames[1], ValueError)
+
+
 def test_fp16_refuses_exactly_the_values_beyond_its_range() -> None:
     edge = 65504.0
     for value, refused in [(edge, None), (65505.0, "fp16 range"), (-65519.0, "fp16 range"), (-edge, None),

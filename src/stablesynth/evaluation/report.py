@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from typing import Any
 
 from stablesynth.evaluation.cost import transfer_ms
@@ -151,6 +152,8 @@ def _qa_sections(results: dict[str, Any]) -> list[str]:
             f"| {_pct(inf['global_seen'])} |",
             f"| global head, unseen devices | {_pct(inf['global_unseen'])} |",
             f"| global head, the same clips captured clean (identity profile) | {_pct(inf['global_clean'])} |",
+            f"| global head, validation clips (seen devices' held-out history; stage-1 settings are chosen here) "
+            f"| {_pct(inf.get('global_validation'))} |",
             f"| per-device fine-tuning (oracle), seen devices | {_pct(inf['oracle_seen'])} |",
             f"| per-device fine-tuning (oracle), unseen devices | {_pct(inf['oracle_unseen'])} |",
             "",
@@ -158,11 +161,7 @@ def _qa_sections(results: dict[str, Any]) -> list[str]:
             "",
         ]
         if inf.get("by_question_type"):
-            lines += ["The global head by question type (all real-time clips; the worst device's accuracy beside):",
-                      "", "| question type | accuracy | worst device |", "|---|---|---|"]
-            lines += [f"| {t} | {_pct(q['mean'])} | {_pct(q['worst'])} (device {q['worst_device']}) |"
-                      for t, q in inf["by_question_type"].items()]
-            lines.append("")
+            lines += _question_type_table(inf["by_question_type"])
     diag = results.get("diagnostics")
     if diag and oracle_summary(results):
         o = oracle_summary(results)
@@ -378,3 +377,23 @@ def pair_report(results: dict[str, Any]) -> str:
             lines.append(f"| {m['label']} | {100 * m['mc_accuracy']:.1f} | {100 * m['mc_accuracy_per_session']:.1f} "
                          f"| {p if p is not None else '—'} |")
     return "\n".join(lines) + "\n"
+
+
+def _question_type_table(by_type: Mapping[str, Mapping[str, Any]]) -> list[str]:
+    """The global head per question type, its worst device with a 95 % Wilson interval, and the
+    devices under the per-device goal (all of them, and those whose interval lies under it)."""
+    goal = next(iter(by_type.values())).get("goal")
+    lines = ["The global head by question type (all real-time clips). A device answers few questions of "
+             "one type, so its accuracy carries a 95 % Wilson interval"
+             + (f"; the goal is {_pct(goal)} % on every device." if goal else "."), "",
+             "| question type | accuracy | worst device [95 % interval] | devices under the goal | "
+             "of which clearly (interval under it) |", "|---|---|---|---|---|"]
+    for t, q in by_type.items():
+        if "worst_n" in q:
+            worst = (f"{_pct(q['worst'])} [{_pct(q['worst_low'])}, {_pct(q['worst_high'])}] "
+                     f"(device {q['worst_device']}, {q['worst_n']} questions)")
+            under = f"{q['below_goal']} of {q['devices']} | {q['clearly_below_goal']}"
+        else:  # results written before the intervals were recorded
+            worst, under = f"{_pct(q['worst'])} (device {q['worst_device']})", "— | —"
+        lines.append(f"| {t} | {_pct(q['mean'])} | {worst} | {under} |")
+    return [*lines, ""]

@@ -7,8 +7,9 @@ schema_version, created, wall_seconds, versions{}, seed, command, config{}
 stage0: {checkpoint, clean_test{}, train_seconds, seconds} or null          (stage-0 pretraining)
 benchmark: num_classes, answers[], devices[{id, seen, ...}], counts{}, accuracy_convention
 stage1: history[{epoch, loss, train_accuracy, seconds}], seconds
-informative: {global_clean, global_seen, global_unseen, oracle_seen, oracle_unseen, verdict,
-              by_question_type{<type>: {mean, worst, worst_device}}}             (DESIGN §5)
+informative: {global_clean, global_seen, global_unseen, global_validation?, oracle_seen, oracle_unseen, verdict,
+              by_question_type{<type>: {mean, worst, worst_device, worst_n, worst_low, worst_high,
+                                         goal, devices, below_goal, clearly_below_goal}}}  (DESIGN §5)
 diagnostics: {device_probe_accuracy, chance, global_<g>, prior_corrected_<g>}   g = seen, unseen
 methods.<name>:
   label, adaptive, proposed, train_seconds, config{}

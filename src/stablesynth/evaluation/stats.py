@@ -46,6 +46,34 @@ def paired_difference(a: Mapping[str, float], b: Mapping[str, float], devices: S
     return bootstrap_mean_ci([a[k] - b[k] for k in keys], **kwargs)
 
 
+def wilson_interval(hits: int, n: int, confidence: float = CONFIDENCE) -> dict[str, float]:
+    """A proportion ``hits / n`` with its Wilson score interval: ``{"mean", "low", "high", "n"}``.
+
+    For one device's accuracy over its few clips, where a bootstrap over clips is too coarse.
+    """
+    if n <= 0:
+        return {"mean": math.nan, "low": math.nan, "high": math.nan, "n": 0}
+    z = float(np.sqrt(2.0) * _erfinv(confidence))
+    p = hits / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z / (1 + z * z / n) * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n))
+    # At 0 or n hits the bound on that side is exactly 0 or 1 (the formula leaves rounding dust).
+    low = 0.0 if hits == 0 else min(p, max(0.0, centre - half))
+    high = 1.0 if hits == n else max(p, min(1.0, centre + half))
+    return {"mean": p, "low": low, "high": high, "n": n}
+
+
+def _erfinv(y: float) -> float:
+    # Newton's method on math.erf: exact to float precision in a few steps for |y| < 1.
+    x = 0.0
+    for _ in range(50):
+        step = (math.erf(x) - y) / (2.0 / math.sqrt(math.pi) * math.exp(-x * x))
+        x -= step
+        if abs(step) < 1e-15:
+            break
+    return x
+
+
 def verdict(ci: Mapping[str, float]) -> str:
     """"beats", "loses to" or "ties with", from whether the interval excludes zero."""
     if not ci["n"] or not math.isfinite(ci["low"]):

@@ -88,6 +88,25 @@ class Generator(nn.Module):
     #: Names of the parameters that hold the base Θ (what a zero modulation outputs), not the modulation.
     base_parameter_names: tuple[str, ...] = ("W0", "b0")
 
+    def magnitude_bound(self, factors: Mapping[str, torch.Tensor]) -> torch.Tensor | None:
+        """An upper bound ``[B]`` (float64) on every |value| of each sample's Θ_d as :meth:`expand`
+        computes it in float32, from the factors alone (no pass over Θ_d); ``None`` where this
+        generator has no cheap bound. A non-finite bound says nothing (the factors hold NaN/Inf).
+
+        It lets an encoder skip the checks a bounded Θ_d cannot fail (finite, within fp16's range).
+        """
+        return None
+
+    def _abs_max(self, name: str) -> float:
+        """max |base parameter ``name``|, remembered until it changes: a pass over W0 costs as much
+        as the checks a bound saves (in-place updates bump ``_version``; a new tensor has a new address)."""
+        t = getattr(self, name)
+        key = (t.data_ptr(), t._version)
+        cache = self.__dict__.setdefault("_abs_max_cache", {})
+        if cache.get(name, (None,))[0] != key:
+            cache[name] = (key, float(t.detach().abs().max()) if t.numel() else 0.0)
+        return cache[name][1]
+
     @property
     def factor_numel(self) -> int:
         """Floats the cloud sends per sample (the factors)."""
@@ -101,6 +120,15 @@ def _weight_bias_specs(specs: Sequence[ParamSpec], kind: str) -> tuple[ParamSpec
     if len(specs) != 2 or len(mats) != 1 or len(vecs) != 1 or vecs[0].shape[0] != mats[0].shape[0]:
         raise ValueError(f"{kind} generator needs exactly a weight [K, H] and a bias [K], got {list(specs)}")
     return mats[0], vecs[0]
+
+
+#: Relative slack on a bound for float32 rounding: a few roundings of at most 2⁻²⁴ each, and rank-r sums.
+_BOUND_SLACK = 1.0 + 1e-4
+
+
+def _row_abs_max(t: torch.Tensor) -> torch.Tensor:
+    """max |t| per sample (leading dimension), in float64."""
+    return t.detach().reshape(t.shape[0], -1).abs().amax(dim=1).double()
 
 
 def _default_linear_init(K: int, H: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -219,6 +247,13 @@ class LowRankGenerator(Generator):
         theta = {self.weight_spec.name: weight, self.bias_spec.name: bias}
         return theta if out is None else _copy_into(out, theta)
 
+    def magnitude_bound(self, factors: Mapping[str, torch.Tensor]) -> torch.Tensor | None:
+        # |W0 + U Vᵀ| <= max|W0| + r max|U| max|V|; |b0 + U c| <= max|b0| + r max|U| max|c|.
+        u = _row_abs_max(factors["u"]) * self.rank
+        weight = self._abs_max("W0") + u * _row_abs_max(factors["v"])
+        bias = self._abs_max("b0") + u * _row_abs_max(factors["c"])
+        return torch.maximum(weight, bias) * _BOUND_SLACK
+
     @property
     def factor_numel(self) -> int:
         return self.K * self.rank + (self.H + 1) * self.rank
@@ -288,6 +323,13 @@ class FiLMGenerator(Generator):
         torch.mul(self.W0, g_row.unsqueeze(-1), out=weight).mul_(g_col.unsqueeze(1))
         torch.mul(self.b0, g_row, out=bias).add_(factors["row_shift"])
         return {self.weight_spec.name: weight, self.bias_spec.name: bias}
+
+    def magnitude_bound(self, factors: Mapping[str, torch.Tensor]) -> torch.Tensor | None:
+        # |W0 ⊙ g_row g_colᵀ| <= max|W0| max|g_row| max|g_col|; |b0 ⊙ g_row + β| <= max|b0| max|g_row| + max|β|.
+        g_row = _row_abs_max(1.0 + factors["row_scale"])
+        weight = self._abs_max("W0") * g_row * _row_abs_max(1.0 + factors["col_scale"])
+        bias = self._abs_max("b0") * g_row + _row_abs_max(factors["row_shift"])
+        return torch.maximum(weight, bias) * _BOUND_SLACK
 
     @property
     def factor_numel(self) -> int:

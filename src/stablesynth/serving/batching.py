@@ -236,8 +236,9 @@ class Batcher:
             except _MODEL_ERRORS as exc:
                 raise _ExpansionError(exc) from exc
 
+        bounds = getattr(each, "bounds", None)
         try:
-            frames = writer.write_into(shapes, fill, hi - lo)
+            frames = writer.write_into(shapes, fill, hi - lo, None if bounds is None else bounds[lo:hi].numpy())
         except _ExpansionError as err:
             if hi - lo > 1:  # find the upload that fails; its group-mates still get their frames
                 return [f for i in range(lo, hi) for f in self._group(writer, shapes, each, i, i + 1)]

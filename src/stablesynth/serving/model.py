@@ -26,6 +26,19 @@ from stablesynth.serving.protocol import ENCODINGS, PARAM_ENCODINGS
 Outputs = Mapping[str, torch.Tensor]
 
 
+@dataclass(frozen=True)
+class Expansion:
+    """What :meth:`CloudModel.compute_each` returns: ``expand(part, out=None)`` gives the outputs of
+    the uploads ``part``; ``bounds[i]`` (float64, or ``None``) bounds every |value| upload ``i``'s
+    outputs can take, known before they are expanded (NaN/Inf: no bound)."""
+
+    expand: Callable[[slice, Outputs | None], Outputs]
+    bounds: torch.Tensor | None = None
+
+    def __call__(self, part: slice, out: Outputs | None = None) -> Outputs:
+        return self.expand(part, out)
+
+
 @dataclass
 class CloudModel:
     """A method served under ``model_id``/``version``; ``num_classes`` is K of its Θ_d."""
@@ -82,7 +95,7 @@ class CloudModel:
         return (encoding in PARAM_ENCODINGS and getattr(self.method, "generator", None) is not None
                 and type(self.method).adapt is HyperMethod.adapt and self.device.type == "cpu")
 
-    def compute_each(self, uploads: torch.Tensor, encoding: str) -> Callable[[slice, Outputs | None], Outputs]:
+    def compute_each(self, uploads: torch.Tensor, encoding: str) -> Expansion:
         """What to send for the uploads of ``part`` (a slice of the batch), as a function of ``part``
         (and optionally ``out``) giving ``{name: [n, *shape]}`` on the CPU; with ``out`` (float32
         tensors of :meth:`output_shapes`) the result is written into those tensors.
@@ -94,18 +107,21 @@ class CloudModel:
         call each, and the Θ_d of a few uploads is expanded only when asked for, straight into
         ``out`` (the reply frames themselves in fp32), to be encoded and checksummed while it is
         still in the cache. Otherwise this is :meth:`compute_batch`. Errors of the batched part
-        are raised here, those of one part's expansion by its call.
+        are raised here, those of one part's expansion by its call. The generator's
+        :meth:`~stablesynth.models.generators.Generator.magnitude_bound` comes along, so that
+        the encoder can skip the checks a bounded Θ_d cannot fail.
         """
         if self.expands_each(encoding):
             gen = self.method.generator
             with torch.inference_mode():
                 factors = gen.factors(self.method.driver(uploads.cpu()))
+                bounds = gen.magnitude_bound(factors)
 
             def expand(part: slice, out: Outputs | None = None) -> Outputs:
                 with torch.inference_mode():
                     return gen.expand({k: v[part] for k, v in factors.items()}, out=out)
 
-            return expand
+            return Expansion(expand, bounds)
         batch = {k: v.to("cpu") for k, v in self.compute_batch(uploads, encoding).items()}
 
         def select(part: slice, out: Outputs | None = None) -> Outputs:
@@ -115,7 +131,7 @@ class CloudModel:
                 out[k].copy_(v[part])
             return dict(out)
 
-        return select
+        return Expansion(select)
 
     def output_shapes(self, encoding: str) -> dict[str, tuple[int, ...]]:
         """``{name: shape}`` of what is sent for one upload in a Θ_d encoding (from the generator's specs)."""
