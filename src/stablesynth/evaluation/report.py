@@ -391,7 +391,7 @@ def _question_type_table(by_type: Mapping[str, Mapping[str, Any]]) -> list[str]:
     for t, q in by_type.items():
         if "worst_n" in q:
             worst = (f"{_pct(q['worst'])} [{_pct(q['worst_low'])}, {_pct(q['worst_high'])}] "
-                     f"(device {q['worst_device']}, {q['worst_n']} questions)")
+                     f"(device {q['worst_device']}, {q['worst_n']} question{'' if q['worst_n'] == 1 else 's'})")
             under = f"{q['below_goal']} of {q['devices']} | {q['clearly_below_goal']}"
         else:  # results written before the intervals were recorded
             worst, under = f"{_pct(q['worst'])} (device {q['worst_device']})", "— | —"
