@@ -15,6 +15,16 @@ def _init(k: int = K) -> dict[str, torch.Tensor]:
     return {"weight": torch.randn(k, H, generator=g), "bias": torch.randn(k, generator=g)}
 
 
+def _moved(name: str, seed: int, scale: float):
+    """A generator moved off its exact-W0 start, so that Θ_d depends on the driver."""
+    torch.manual_seed(seed)
+    gen = create_generator(name, dynamic_specs(K), D, init=_init())
+    with torch.no_grad():
+        for p in gen.parameters():
+            p.add_(scale * torch.randn_like(p))
+    return gen
+
+
 def _flops(fn) -> int:
     with FlopCounterMode(display=False) as counter, torch.no_grad():
         fn()
@@ -23,12 +33,7 @@ def _flops(fn) -> int:
 
 @pytest.mark.parametrize("name", ["full", "lowrank", "film"])
 def test_shapes_and_factors_expand_equals_forward(name):
-    torch.manual_seed(0)
-    gen = create_generator(name, dynamic_specs(K), D, init=_init())
-    # Move off the exact-W0 start so expand(factors) is checked on a non-trivial map.
-    with torch.no_grad():
-        for p in gen.parameters():
-            p.add_(0.01 * torch.randn_like(p))
+    gen = _moved(name, 0, 0.01)
     d = torch.randn(3, D)
     out = gen(d)
     assert out["weight"].shape == (3, K, H) and out["bias"].shape == (3, K)
@@ -107,11 +112,7 @@ def test_projectors():
 
 @pytest.mark.parametrize("name", ["lowrank", "film"])
 def test_magnitude_bound_holds_and_follows_the_base(name):
-    torch.manual_seed(1)
-    gen = create_generator(name, dynamic_specs(K), D, init=_init())
-    with torch.no_grad():
-        for p in gen.parameters():
-            p.add_(0.5 * torch.randn_like(p))
+    gen = _moved(name, 1, 0.5)
     with torch.no_grad():
         for scale in (1.0, 100.0):  # the remembered max|W0| must follow an in-place change
             gen.W0.mul_(scale)
