@@ -12,7 +12,7 @@ from stablesynth.methods import build_method
 from stablesynth.models.encoder import create_model
 from stablesynth.models.global_model import GlobalModel, encode_frames
 from stablesynth.training.features import FeatureCacheError, extract_features, load_features, module_fingerprint
-from stablesynth.training.stage1 import Stage1Config, polynomial_decay, train_stage1
+from stablesynth.training.stage1 import Stage1Config, polynomial_decay, sample_global_frames, train_stage1
 from stablesynth.training.stage2 import paired_batches, predict_per_session, train_method
 
 
@@ -38,6 +38,17 @@ def test_polynomial_decay_warms_up_then_reaches_zero():
     assert polynomial_decay(0, 100, 10) == pytest.approx(0.1)
     assert polynomial_decay(10, 100, 10) == pytest.approx(1.0)
     assert polynomial_decay(100, 100, 10) == pytest.approx(0.0)
+
+
+def test_a_step_may_encode_fewer_of_each_clips_global_frames():
+    batch = {"global_index": torch.tensor([[0, 2, 4]] * 50), "label": torch.zeros(50, dtype=torch.long)}
+    torch.manual_seed(0)
+    one = sample_global_frames(batch, 1)["global_index"]
+    assert one.shape == (50, 1) and set(one.flatten().tolist()) == {0, 2, 4}  # each frame gets its turn
+    two = sample_global_frames(batch, 2)["global_index"]
+    assert all(len(set(row)) == 2 and set(row) <= {0, 2, 4} for row in two.tolist())
+    for k in (0, 3, 5):  # all of them: the batch as it was
+        assert torch.equal(sample_global_frames(batch, k)["global_index"], batch["global_index"])
 
 
 def test_stage1_finished_checkpoint_is_reused(tmp_path: Path, tiny_bench):

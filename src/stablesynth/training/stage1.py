@@ -48,6 +48,20 @@ class Stage1Config(Config):
     head_dropout: float = Field(0.5, ge=0, lt=1)
     #: Cap on the steps of one epoch (0 = no cap).
     max_steps_per_epoch: int = Field(0, ge=0)
+    #: Frames of each clip's D global frames that a training step encodes (0 = all D), drawn
+    #: anew every step; F_g is still the mean of all D at evaluation. Encoding is most of the
+    #: step's cost, so 1 of 3 trains about three times faster.
+    frames_per_step: int = Field(0, ge=0)
+
+
+def sample_global_frames(batch: Mapping[str, torch.Tensor], k: int) -> dict[str, torch.Tensor]:
+    """``batch`` with each clip's ``global_index`` cut to ``k`` of its frames, drawn uniformly
+    without replacement from the global RNG (``k`` = 0, or at least D: unchanged)."""
+    idx = batch["global_index"]
+    if k == 0 or k >= idx.shape[1]:
+        return dict(batch)
+    pick = torch.rand(idx.shape).argsort(dim=1)[:, :k].to(idx.device)
+    return {**batch, "global_index": idx.gather(1, pick)}
 
 
 def _optimizer_tensors(opt: torch.optim.Optimizer) -> dict[str, torch.Tensor]:
@@ -149,6 +163,7 @@ def train_stage1(
         for step, batch in enumerate(bar):
             if step >= steps_per_epoch:
                 break
+            batch = sample_global_frames(batch, cfg.frames_per_step)
             if not on_cpu:
                 batch = to_device(batch, dev, non_blocking=True)
             logits, loss = forward_loss(net, batch, dev)
