@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import shutil
 import time
+import zlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -118,7 +119,12 @@ class Workspace:
         if mcfg.num_categories is None and mcfg.category != "answer":
             mcfg = mcfg.replace(num_categories=self.num_categories(mcfg.category))
         cls = self.method_class(name)
-        method = build_method(name, num_classes or self.K, mcfg, cls=cls)
+        # A method's random initialisation depends on the run seed and its name alone, not on
+        # what this process did before (stages trained or reused, other methods trained or
+        # loaded): a fresh run and a resumed one then train the same method from the same start.
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(self.seed * 1_000_003 + zlib.crc32(name.encode()))
+            method = build_method(name, num_classes or self.K, mcfg, cls=cls)
         if num_classes is None:
             src = self.initial if cls.uses_untrained_encoder else self.model
             method.init_from_head(src.static, src.classifier.weight.detach(), src.classifier.bias.detach())
