@@ -19,6 +19,7 @@ from stablesynth.models.generators import create_generator
 from stablesynth.serving import batching, crc, framing, protocol
 from stablesynth.serving.batching import Batcher, OutputError
 from stablesynth.serving.framing import FrameWriter
+from stablesynth.serving.model import Expansion
 from stablesynth.serving.server import CloudModel
 
 
@@ -154,7 +155,7 @@ def test_a_failing_expansion_fails_only_its_own_upload(cloud: CloudModel, monkey
                 raise RuntimeError("overflow in the expansion")
             return expand(part, out)
 
-        return flaky
+        return Expansion(flaky, expand.bounds)
 
     monkeypatch.setattr(cloud, "compute_each", compute_each)
     frames = Batcher(cloud, 64, 0.0, None, _Hist())._frames(_ups(5), "fp32")  # type: ignore[arg-type]

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
+from statistics import NormalDist
 from typing import Any
 
 import numpy as np
@@ -53,7 +54,7 @@ def wilson_interval(hits: int, n: int, confidence: float = CONFIDENCE) -> dict[s
     """
     if n <= 0:
         return {"mean": math.nan, "low": math.nan, "high": math.nan, "n": 0}
-    z = float(np.sqrt(2.0) * _erfinv(confidence))
+    z = NormalDist().inv_cdf(0.5 + confidence / 2)
     p = hits / n
     centre = (p + z * z / (2 * n)) / (1 + z * z / n)
     half = z / (1 + z * z / n) * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n))
@@ -61,17 +62,6 @@ def wilson_interval(hits: int, n: int, confidence: float = CONFIDENCE) -> dict[s
     low = 0.0 if hits == 0 else min(p, max(0.0, centre - half))
     high = 1.0 if hits == n else max(p, min(1.0, centre + half))
     return {"mean": p, "low": low, "high": high, "n": n}
-
-
-def _erfinv(y: float) -> float:
-    # Newton's method on math.erf: exact to float precision in a few steps for |y| < 1.
-    x = 0.0
-    for _ in range(50):
-        step = (math.erf(x) - y) / (2.0 / math.sqrt(math.pi) * math.exp(-x * x))
-        x -= step
-        if abs(step) < 1e-15:
-            break
-    return x
 
 
 def verdict(ci: Mapping[str, float]) -> str:

@@ -23,7 +23,7 @@ import torch
 from prometheus_client import Histogram
 
 from stablesynth.serving.framing import FrameWriter
-from stablesynth.serving.model import CloudModel
+from stablesynth.serving.model import CloudModel, Expansion
 
 #: Θ_d of this many bytes (fp32) in all is expanded and encoded at once (5 uploads at K = 1501):
 #: together they share PyTorch's cost per operation (see FrameWriter.write_into); 2–4 MB measured
@@ -226,7 +226,7 @@ class Batcher:
         return [f for frames in self.encoder.map(group, bounds) for f in frames]
 
     def _group(self, writer: FrameWriter, shapes: dict[str, tuple[int, ...]],
-               each: Callable[[slice, Any], Any], lo: int, hi: int) -> list[memoryview | Exception]:
+               each: Expansion, lo: int, hi: int) -> list[memoryview | Exception]:
         """Frames (or errors) of uploads ``lo:hi``; if their expansion fails, each is tried alone."""
 
         def fill(out: dict[str, torch.Tensor]) -> None:
@@ -236,9 +236,9 @@ class Batcher:
             except _MODEL_ERRORS as exc:
                 raise _ExpansionError(exc) from exc
 
-        bounds = getattr(each, "bounds", None)
+        bounds = None if each.bounds is None else each.bounds[lo:hi].numpy()
         try:
-            frames = writer.write_into(shapes, fill, hi - lo, None if bounds is None else bounds[lo:hi].numpy())
+            frames = writer.write_into(shapes, fill, hi - lo, bounds)
         except _ExpansionError as err:
             if hi - lo > 1:  # find the upload that fails; its group-mates still get their frames
                 return [f for i in range(lo, hi) for f in self._group(writer, shapes, each, i, i + 1)]

@@ -248,8 +248,9 @@ class FrameWriter:
         else:
             values = self._scratch(tuple((count, *shapes[n]) for n in names))
         fill(dict(zip(names, values)))
-        bounded = bounds is not None and len(bounds) == count and bool(np.isfinite(bounds).all())
-        limit = float(bounds.max()) if bounded and count else math.inf  # type: ignore[union-attr]
+        limit = math.inf
+        if bounds is not None and count and len(bounds) == count and bool(np.isfinite(bounds).all()):
+            limit = float(bounds.max())
         return self._seal(buf, layout, self._convert(buf, layout, names, values, in_place=True, bound=limit))
 
     def write_batch(self, tensors: Mapping[str, torch.Tensor | np.ndarray]) -> list[memoryview | ValueError]:
