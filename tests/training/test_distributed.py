@@ -62,7 +62,8 @@ SCRIPT = textwrap.dedent('''
     from stablesynth.training.stage1 import Stage1Config, train_stage1
 
     out, global_batch = Path(sys.argv[1]), int(sys.argv[2])
-    ctx = init_distributed()
+    # gloo on CPUs even where CUDA is present: NCCL needs a GPU per rank, and this compares CPU runs.
+    ctx = init_distributed(device="cpu")
     g = torch.Generator().manual_seed(0)
     N = 16
     data = {
