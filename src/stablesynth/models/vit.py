@@ -245,7 +245,10 @@ class MultimodalEncoder(nn.Module):
             raise ValueError(f"text of {input_ids.shape[1]} tokens exceeds max_text_len={cfg.max_text_len}")
         if input_ids.dtype not in (torch.int64, torch.int32):
             raise ValueError(f"input_ids must be an integer tensor, got {input_ids.dtype}")
-        if input_ids.numel() and (int(input_ids.min()) < 0 or int(input_ids.max()) >= cfg.vocab_size):
+        # Reading the range back from an accelerator would stall its stream on every forward (and break
+        # torch.compile's graph); there, the embedding kernel's own bounds check reports a bad id.
+        if (input_ids.device.type == "cpu" and input_ids.numel()
+                and (int(input_ids.min()) < 0 or int(input_ids.max()) >= cfg.vocab_size)):
             raise ValueError(f"input_ids must lie in [0, {cfg.vocab_size}), got "
                              f"[{int(input_ids.min())}, {int(input_ids.max())}]")
         if attention_mask is not None and attention_mask.shape != input_ids.shape:
@@ -267,7 +270,9 @@ class MultimodalEncoder(nn.Module):
         x = self.pos_drop(torch.cat([cls, text, patches], dim=1))
 
         mask = None
-        if attention_mask is not None and not bool(attention_mask.all()):
+        # An all-ones mask changes nothing; skipping it keeps the CPU's fastest attention, but deciding
+        # that on an accelerator would mean a host read per forward, so there the mask is always built.
+        if attention_mask is not None and (x.device.type != "cpu" or not bool(attention_mask.all())):
             # Keys only: padded text tokens are never attended to; every query still sees CLS.
             keep_text = attention_mask.bool().repeat_interleave(nF, dim=0)
             ones = torch.ones(B * nF, 1, dtype=torch.bool, device=x.device)
