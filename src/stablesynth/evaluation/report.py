@@ -49,11 +49,19 @@ def compare(results: dict[str, Any], a: str, b: str, group: str, mode: str = "pe
                              device_groups(results)[group])
 
 
-def verdicts(results: dict[str, Any], metric: str = "accuracy") -> list[str]:
+def _sentence(group: str, subject: str, ci: dict[str, float], other: str, metric: str) -> str:
+    verb = verdict(ci)
+    return (f"On {group} devices {subject} {verb} {other}: {format_ci(ci)} points of {metric} "
+            f"(mean per-device difference, 95 % bootstrap interval over {ci['n']} devices"
+            + ("; the interval covers zero, so this is a tie)." if verb == "ties with" else ")."))
+
+
+def verdicts(results: dict[str, Any], metric: str = "accuracy", mode: str = "per_sample") -> list[str]:
     """Plain sentences comparing the proposed method with each other one, each with its interval.
 
     ``results`` needs ``methods``, ``benchmark.devices`` and optionally ``oracle``; ``metric``
-    names what the per-device figures are.
+    names what the per-device figures are, ``mode`` which of them (``per_sample`` or
+    ``per_session``; the oracle sentence is per sample only).
     """
     methods = results["methods"]
     out: list[str] = []
@@ -61,22 +69,16 @@ def verdicts(results: dict[str, Any], metric: str = "accuracy") -> list[str]:
     if name_ours is None:
         return out
     label_ours = methods[name_ours]["label"]
-    ours = methods[name_ours]["accuracy"]["per_sample"]
+    ours = methods[name_ours]["accuracy"][mode]
     for name, m in methods.items():
-        if name == name_ours:
+        if name == name_ours or not m["accuracy"].get(mode):
             continue
         for group in ("seen", "unseen"):
-            if not ours[group]["n"]:
-                continue
-            ci = compare(results, name_ours, name, group)
-            verb = verdict(ci)
-            out.append(
-                f"On {group} devices {label_ours} {verb} {m['label']}: {format_ci(ci)} points of {metric} "
-                f"(mean per-device difference, 95 % bootstrap interval over {ci['n']} devices"
-                + ("; the interval covers zero, so this is a tie)." if verb == "ties with" else ").")
-            )
+            if ours[group]["n"]:
+                out.append(_sentence(group, label_ours, compare(results, name_ours, name, group, mode),
+                                     m["label"], metric))
     oracle = results.get("oracle")
-    if oracle:
+    if oracle and mode == "per_sample":
         d = 100 * (ours["all"]["mean"] - oracle["accuracy"]["all"]["mean"])
         ft = oracle["finetune_seconds"]["median"]
         ad = methods[name_ours]["adapt_ms"]["median"]
@@ -85,6 +87,27 @@ def verdicts(results: dict[str, Any], metric: str = "accuracy") -> list[str]:
             f"{d:+.1f} points over all devices while adapting in {_ms(ad)} ({ft * 1000 / max(ad, 1e-9):,.0f}× faster)."
         )
     return out
+
+
+def session_costs(results: dict[str, Any], metric: str = "accuracy") -> list[str]:
+    """For each adaptive method: per-session minus per-sample figures, paired by device, with intervals.
+
+    What one upload at a session's start costs against an upload per clip."""
+    out = []
+    for m in results["methods"].values():
+        acc = m["accuracy"]
+        if not m.get("adaptive") or not acc.get("per_session"):
+            continue
+        for group, devices in device_groups(results).items():
+            if devices:
+                ci = paired_difference(acc["per_session"]["per_device"], acc["per_sample"]["per_device"], devices)
+                out.append(_sentence(group, f"{m['label']} per session", ci, f"{m['label']} per sample", metric))
+    return out
+
+
+def _per_session_said(results: dict[str, Any]) -> list[str]:
+    said = verdicts(results, mode="per_session") + session_costs(results)
+    return ["", "What the per-session numbers say:", ""] + [f"- {v}" for v in said] if said else []
 
 
 def render_report(results: dict[str, Any], ablation: dict[str, Any] | None = None,
@@ -226,6 +249,7 @@ def _qa_sections(results: dict[str, Any]) -> list[str]:
     said = verdicts(results)
     if said:
         lines += ["", "### What the numbers say", ""] + [f"- {v}" for v in said]
+    lines += _per_session_said(results)
 
     pduet = paper.get("duet") or {}
     table2 = [n for n in pduet if n in methods]

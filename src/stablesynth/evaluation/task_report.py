@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from stablesynth.evaluation.report import _pct, verdicts
+from stablesynth.evaluation.report import _pct, session_costs, verdicts
 
 GROUPS: tuple[str, ...] = ("seen", "unseen")
 
@@ -14,9 +14,14 @@ def _task_view(task: dict[str, Any]) -> dict[str, Any]:
     return {"methods": task["methods"], "benchmark": {"devices": task["devices"]}, "oracle": task.get("oracle")}
 
 
-def _said(task: dict[str, Any], metric: str) -> list[str]:
+def _said(task: dict[str, Any], metric: str, per_session: bool = False) -> list[str]:
     said = verdicts(_task_view(task), metric)
-    return ["", "What the numbers say:", ""] + [f"- {v}" for v in said] if said else []
+    out = ["", "What the numbers say:", ""] + [f"- {v}" for v in said] if said else []
+    if per_session:
+        view = _task_view(task)
+        said = verdicts(view, metric, mode="per_session") + session_costs(view, metric)
+        out += ["", "Per session:", ""] + [f"- {v}" for v in said] if said else []
+    return out
 
 
 def render_mc(task: dict[str, Any]) -> list[str]:
@@ -41,7 +46,7 @@ def render_mc(task: dict[str, Any]) -> list[str]:
                      f"{_pct(a['unseen']['mean'])} | {_pct(a['unseen']['worst'])} | "
                      f"{_pct(s['seen']['mean']) if s else '—'} | {_pct(s['unseen']['mean']) if s else '—'} | "
                      f"{p if p is not None else '—'} |")
-    return lines + _said(task, "MC accuracy") + [""]
+    return lines + _said(task, "MC accuracy", per_session=True) + [""]
 
 
 def render_ret(task: dict[str, Any]) -> list[str]:
