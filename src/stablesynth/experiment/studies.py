@@ -19,6 +19,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from stablesynth.config import Config
+from stablesynth.data.annotation_records import IGNORE_LABEL
 from stablesynth.data.batch import FeatureBatch
 from stablesynth.data.easyvqa import QUESTION_TYPES
 from stablesynth.evaluation.metrics import accuracy, accuracy_block, accuracy_by_device, per_device_summary
@@ -190,9 +191,11 @@ def _by_question_type(ws: Workspace, preds: torch.Tensor, realtime: FeatureBatch
     ``clearly_below_goal`` those whose interval lies wholly under it.
     """
     qtype = ws.rows["realtime"]["question_type"]
+    # Answers outside the vocabulary leave the count, as in accuracy().
+    answered = realtime.label != IGNORE_LABEL
     out: dict[str, dict[str, Any]] = {}
     for t, name in enumerate(QUESTION_TYPES):
-        sel = qtype == t
+        sel = (qtype == t) & answered
         if not bool(sel.any()):
             continue
         pred, label, device = preds[sel], realtime.label[sel], realtime.device[sel]
