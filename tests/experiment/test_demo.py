@@ -74,6 +74,21 @@ def test_results_schema_rejects_missing_and_wrong_fields(quick_run: Path):
         validate_results(results)
 
 
+@pytest.mark.parametrize("name", ["demo", "scratch", "harsh", "camera", "quick"])
+def test_every_packaged_run_config_loads(name: str):
+    cfg = load_run_config(name)  # checked on load: keys, ranges, the encoder's input size
+    assert cfg.methods and (cfg.stage0 is None) == (name in ("scratch", "quick"))
+
+
+def test_camera_config_is_the_demo_with_camera_augmented_pretraining():
+    demo, camera = load_run_config("demo").to_dict(), load_run_config("camera").to_dict()
+    assert camera["stage0"]["augment"] == "camera" and demo["stage0"]["augment"] == "none"
+    for key in set(demo) - {"stage0", "method_overrides"}:
+        assert camera[key] == demo[key], key
+    assert {k: v for k, v in camera["stage0"].items() if k != "augment"} == \
+        {k: v for k, v in demo["stage0"].items() if k != "augment"}
+
+
 def test_run_config_errors_name_the_key(tmp_path: Path):
     bad = tmp_path / "bad.yaml"
     bad.write_text("stage1:\n  epochz: 3\n")
