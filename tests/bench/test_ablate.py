@@ -23,5 +23,10 @@ def test_ablation_rows_carry_intervals_against_the_defaults(tmp_path):
     for r in rows:
         assert r["ci"]["low"] <= r["mean"] <= r["ci"]["high"] and r["ci"]["n"] == 5  # the quick run's 5 devices
     assert all("vs_reference" in r for r in rows[1:]) and "vs_reference" not in rows[0]
+    for r in rows:  # per session too: one upload at each session's start
+        s = r["session"]
+        assert s["ci"]["low"] <= s["mean"] <= s["ci"]["high"] and len(s["per_device"]) == 5
+    assert all("vs_reference" in r["session"] for r in rows[1:])
+    assert "per session" in ab["notes"][1]
     saved = json.loads((tmp_path / "ablation.json").read_text())
     assert saved["n_seeds"] == 2 and (tmp_path / "ablation.png").stat().st_size > 0

@@ -18,12 +18,12 @@ from tqdm.auto import tqdm
 
 from stablesynth.data.batch import FeatureBatch
 from stablesynth.evaluation import plots
-from stablesynth.evaluation.metrics import accuracy_by_device, per_device_summary
+from stablesynth.evaluation.metrics import per_device_summary
 from stablesynth.evaluation.stats import bootstrap_mean_ci, format_ci, paired_difference, verdict
 from stablesynth.experiment.demo import DemoRun, RunConfig
 from stablesynth.experiment.results import write_outputs
 from stablesynth.files import atomic_write_json
-from stablesynth.training.stage2 import predict_per_sample, train_method
+from stablesynth.training.stage2 import train_method
 
 
 @dataclass(frozen=True)
@@ -66,6 +66,10 @@ def with_frames(data: FeatureBatch, d: int, seed: int) -> FeatureBatch:
     return out
 
 
+#: What a paired difference to the defaults says, by its verdict.
+_EFFECT = {"beats": "helps", "loses to": "hurts", "ties with": "no measurable effect (tie)"}
+
+
 def run_ablation(cfg: RunConfig, out: Path, seeds: int = 3, only: list[str] | None = None,
                  log: Any = print, device: str = "cpu") -> dict[str, Any]:
     t0 = time.perf_counter()
@@ -76,7 +80,7 @@ def run_ablation(cfg: RunConfig, out: Path, seeds: int = 3, only: list[str] | No
     todo = [v for v in variants(cfg.benchmark.frames_per_clip) if not only or v.group in only]
     rows = []
     for v in tqdm(todo, desc="ablations", dynamic_ncols=True):
-        scores, worsts, spreads, per_device = [], [], [], []
+        scores, worsts, spreads, per_device, per_device_session = [], [], [], [], []
         for s in range(seeds):
             method = ws.method(v.method, overrides=v.overrides)
             train = ws.data("history", method.cfg.category, devices="train")
@@ -87,10 +91,12 @@ def run_ablation(cfg: RunConfig, out: Path, seeds: int = 3, only: list[str] | No
             c = method.cfg
             train_method(method, train, c.epochs, c.batch_size, c.lr, c.weight_decay, seed=cfg.seed + 101 * s,
                          desc=f"{v.name} seed {s}", device=ws.device)
-            preds = predict_per_sample(method, test, device=ws.device)
-            acc = accuracy_by_device(preds, test.label, test.device)
+            # Both modes, as the demo evaluates them: an upload per clip, and one at each session's start.
+            modes = ws.evaluate(method, test)
+            acc = {int(d): a for d, a in modes["per_sample"]["per_device"].items()}
             summary = per_device_summary(acc, ws.seen)["all"]
             per_device.append(acc)
+            per_device_session.append(modes["per_session"]["per_device"])
             scores.append(summary["mean"])
             worsts.append(summary["worst"])
             spreads.append(summary["std"])
@@ -98,9 +104,13 @@ def run_ablation(cfg: RunConfig, out: Path, seeds: int = 3, only: list[str] | No
         std = math.sqrt(sum((x - mean) ** 2 for x in scores) / max(1, len(scores) - 1)) if len(scores) > 1 else 0.0
         # Per device, the mean over seeds: the unit the intervals resample.
         device_mean = {str(d): sum(a[d] for a in per_device) / len(per_device) for d in per_device[0]}
+        session_mean = {d: sum(a[d] for a in per_device_session) / len(per_device_session)
+                        for d in per_device_session[0]}
+        session_ci = bootstrap_mean_ci(list(session_mean.values()))
         row = {"group": v.group, "name": v.name, "method": v.method, "overrides": v.overrides, "frames": v.frames,
                "mean": mean, "std": std, "worst": sum(worsts) / len(worsts), "spread": sum(spreads) / len(spreads),
-               "per_seed": scores, "per_device": device_mean, "ci": bootstrap_mean_ci(list(device_mean.values()))}
+               "per_seed": scores, "per_device": device_mean, "ci": bootstrap_mean_ci(list(device_mean.values())),
+               "session": {"mean": session_ci["mean"], "per_device": session_mean, "ci": session_ci}}
         rows.append(row)
         log(f"{v.name:>32}: {100 * mean:.1f} ± {100 * std:.1f} (worst {100 * row['worst']:.1f})")
     ref = rows[0] if rows and rows[0]["group"] == "reference" else None
@@ -111,9 +121,12 @@ def run_ablation(cfg: RunConfig, out: Path, seeds: int = 3, only: list[str] | No
                      f"{100 * ref['mean']:.1f}.")
         for r in rows[1:]:
             r["vs_reference"] = diff = paired_difference(r["per_device"], ref["per_device"])
-            verb = {"beats": "helps", "loses to": "hurts", "ties with": "no measurable effect (tie)"}[verdict(diff)]
-            notes.append(f"{r['name']}: {format_ci(diff)} points against the defaults (per-device difference, "
-                         f"mean over {seeds} seeds, 95 % bootstrap interval over {diff['n']} devices): {verb}.")
+            r["session"]["vs_reference"] = s_diff = paired_difference(r["session"]["per_device"],
+                                                                       ref["session"]["per_device"])
+            notes.append(f"{r['name']}: {format_ci(diff)} points against the defaults per sample, "
+                         f"{_EFFECT[verdict(diff)]}; {format_ci(s_diff)} per session, {_EFFECT[verdict(s_diff)]} "
+                         f"(per-device difference, mean over {seeds} seeds, 95 % bootstrap interval over "
+                         f"{diff['n']} devices).")
     ablation = {"n_seeds": seeds, "rows": rows, "notes": notes, "seconds": time.perf_counter() - t0}
     atomic_write_json(out / "ablation.json", ablation)
     plots.ablation_plot(ablation, out / "ablation.png")

@@ -358,17 +358,24 @@ def render_seeds(seeds: dict[str, Any]) -> list[str]:
 
 def render_ablation(ablation: dict[str, Any]) -> list[str]:
     lines = ["## Ablations", "",
-             f"StableSynthNet with one change at a time, {ablation['n_seeds']} stage-2 seeds each, per-sample "
-             "mode: mean accuracy over all devices with its 95 % interval (bootstrap over devices of the "
-             "per-device mean over seeds), std across seeds, and the paired difference to the defaults.", "",
-             "| group | variant | mean [95 % interval] | seed std | vs defaults (points) | worst device |",
-             "|---|---|---|---|---|---|"]
+             f"StableSynthNet with one change at a time, {ablation['n_seeds']} stage-2 seeds each: mean accuracy "
+             "over all devices with its 95 % interval (bootstrap over devices of the per-device mean over "
+             "seeds), std across seeds, and the paired difference to the defaults; per sample (an upload per "
+             "clip) and per session (one upload at each session's start).", "",
+             "| group | variant | per sample [95 %] | seed std | vs defaults (points) | worst device "
+             "| per session [95 %] | vs defaults (points) |",
+             "|---|---|---|---|---|---|---|---|"]
+
+    def interval(mean: float, ci: dict[str, float] | None) -> str:
+        return f"{_pct(mean)} [{_pct(ci['low'])}, {_pct(ci['high'])}]" if ci else _pct(mean)
+
     for r in ablation["rows"]:
-        ci = r.get("ci")
-        interval = f"{_pct(r['mean'])} [{_pct(ci['low'])}, {_pct(ci['high'])}]" if ci else _pct(r["mean"])
-        diff = r.get("vs_reference")
-        lines.append(f"| {r['group']} | {r['name']} | {interval} | {_pct(r['std'])} | "
-                     f"{format_ci(diff) if diff else '—'} | {_pct(r['worst'])} |")
+        diff, session = r.get("vs_reference"), r.get("session") or {}
+        s_diff = session.get("vs_reference")
+        lines.append(f"| {r['group']} | {r['name']} | {interval(r['mean'], r.get('ci'))} | {_pct(r['std'])} | "
+                     f"{format_ci(diff) if diff else '—'} | {_pct(r['worst'])} | "
+                     f"{interval(session['mean'], session.get('ci')) if session else '—'} | "
+                     f"{format_ci(s_diff) if s_diff else '—'} |")
     if ablation.get("notes"):
         lines += [""] + [f"- {n}" for n in ablation["notes"]]
     lines += ["", "![ablations](ablation.png)", ""]
