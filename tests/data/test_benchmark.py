@@ -3,11 +3,11 @@ import pytest
 import torch
 
 from stablesynth.config import ConfigError
-from stablesynth.data.benchmark import BATCH_KEYS, FRAME_MEAN, FRAME_STD, DeviceBenchmark
+from stablesynth.data.benchmark import BATCH_KEYS, FRAME_MEAN, FRAME_STD, PROBE, DeviceBenchmark
 from stablesynth.data.benchmark_config import BenchmarkConfig
 from stablesynth.data.clip_loader import make_loader
 from stablesynth.data.devices import CaptureProfile, capture_clips
-from stablesynth.data.easyvqa import load_easyvqa
+from stablesynth.data.easyvqa import QUESTION_TYPES, load_easyvqa
 
 SMALL = dict(n_devices=5, n_unseen=2, history_per_device=40, realtime_per_device=16)
 
@@ -212,3 +212,22 @@ def test_realtime_session_drifts_with_capture_order(bench):
                            bench.cfg.frames_per_clip, bench.cfg.image_size, None)
     assert torch.allclose(real, expect)
     assert float(frac[first]) < 1.0
+
+
+def test_probe_asks_every_device_one_question_type_and_changes_nothing_else():
+    b = DeviceBenchmark.build(BenchmarkConfig(n_devices=4, n_unseen=1, history_per_device=12, realtime_per_device=6,
+                                              image_size=16))
+    before = {s: b.samples(s).sample_id.clone() for s in ("history", "realtime")}
+    fingerprint = b.fingerprint()
+    b.add_probe("shape", 9)
+    probe = b.samples(PROBE)
+    assert torch.equal(torch.bincount(probe.device), torch.full((4,), 9))
+    assert set(probe.question_type.tolist()) == {QUESTION_TYPES.index("shape")}
+    assert b.fingerprint() == fingerprint and all(torch.equal(b.samples(s).sample_id, v) for s, v in before.items())
+    assert int(probe.sample_id.min()) == 4 * 12 + 4 * 6  # ids follow the benchmark's own
+    first = b.batch(PROBE, torch.arange(9))
+    assert first["frames"].shape == (9, 5, 3, 16, 16) and bool((first["label"] >= 0).all())
+    b.add_probe("shape", 9)
+    assert torch.equal(b.batch(PROBE, torch.arange(9))["frames"], first["frames"])  # the same draw again
+    with pytest.raises(ValueError, match="question type"):
+        b.add_probe("size", 3)

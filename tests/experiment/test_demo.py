@@ -44,6 +44,10 @@ def test_quick_demo_writes_valid_results_and_plots(quick_run: Path):
     assert all(q["worst"] <= q["mean"] + 1e-9 for q in by_type.values())
     assert all(q["worst_low"] <= q["worst"] <= q["worst_high"] and q["worst_n"] >= 1 for q in by_type.values())
     assert all(q["clearly_below_goal"] <= q["below_goal"] <= q["devices"] for q in by_type.values())
+    probe = results["informative"]["shape_probe"]  # 6 fresh shape questions per device (quick config)
+    assert probe["per_device"] == 6 and probe["devices"] == 5 and probe["question_type"] == "shape"
+    assert probe["clearly_below_goal"] + probe["clearly_above_goal"] <= probe["devices"]
+    assert probe["worst_n"] == 6 and probe["worst_low"] <= probe["worst"] <= probe["mean"] + 1e-9
     diag = results["diagnostics"]
     assert 0.0 <= diag["device_probe_accuracy"] <= 1.0 and diag["chance"] == pytest.approx(1 / 3)
 

@@ -54,7 +54,9 @@ BATCH_KEYS: tuple[str, ...] = (
 
 # Purposes of the independent random streams derived from the seed; adding clips to one
 # split never changes the devices or the other split.
-_STREAM_DEVICES, _STREAM_HISTORY, _STREAM_REALTIME = 0, 1, 2
+_STREAM_DEVICES, _STREAM_HISTORY, _STREAM_REALTIME, _STREAM_PROBE = 0, 1, 2, 3
+#: The split :meth:`DeviceBenchmark.add_probe` draws (not part of the benchmark proper).
+PROBE = "probe"
 
 # Bump when rendering or sampling changes what a config produces, so cached features go stale.
 #: 2: the real-time session's drift grows with the clip's position in the session.
@@ -140,8 +142,25 @@ class DeviceBenchmark:
 
     def _table(self, split: str) -> ClipTable:
         if split not in self.splits:
-            raise ValueError(f"unknown split {split!r} (known: {', '.join(BENCH_SPLITS)})")
+            raise ValueError(f"unknown split {split!r} (known: {', '.join(self.splits)})")
         return self.splits[split]
+
+    def add_probe(self, question_type: str, per_device: int) -> None:
+        """Draw the ``probe`` split: ``per_device`` questions of ``question_type`` for every device,
+        from the real-time split's scenes, captured as a real-time session of that many clips.
+
+        It measures one kind of question per device with narrower intervals than the few
+        real-time clips of that kind allow. The other splits, the fingerprint and every cache
+        keyed on it are unchanged (the probe has its own random stream).
+        """
+        if question_type not in QUESTION_TYPES:
+            raise ValueError(f"unknown question type {question_type!r} (known: {', '.join(QUESTION_TYPES)})")
+        if per_device < 1:
+            raise ValueError(f"per_device must be >= 1, got {per_device}")
+        first_id = sum(len(self.splits[s]) for s in BENCH_SPLITS)
+        self.splits[PROBE] = draw_split(np.random.default_rng([self.cfg.seed, _STREAM_PROBE]), self.cfg, self.data,
+                                        self.devices, PROBE, per_device, first_id,
+                                        question_type=QUESTION_TYPES.index(question_type))
 
     def validation_rows(self) -> torch.Tensor:
         """History rows held out for choosing hyper-parameters: each seen device's last
@@ -250,8 +269,9 @@ class DeviceBenchmark:
         if clean:
             params = CaptureProfile.identity().to_tensor().expand(len(rows), -1).contiguous()
         else:
-            params = self._params[split][table.device[rows]]
-            if split == "realtime":
+            session = split != "history"  # real-time clips, or a probe captured like them
+            params = self._params["realtime" if session else "history"][table.device[rows]]
+            if session:
                 # A session drifts as it goes: clip t of n is captured with the history profile moved
                 # (t + 1) / n of the way to the real-time one.
                 hist = self._params["history"][table.device[rows]]

@@ -20,7 +20,9 @@ from stablesynth.data.benchmark_config import BenchmarkConfig
 from stablesynth.data.devices import DeviceSpec
 from stablesynth.data.easyvqa import QUESTION_TYPES, EasyVQA
 
-SOURCE_SPLIT = {"history": "train", "realtime": "test"}
+#: The easy-VQA split each benchmark split draws from; ``probe`` clips (one question type, many per
+#: device, captured like a real-time session) come from the real-time clips' scenes.
+SOURCE_SPLIT = {"history": "train", "realtime": "test", "probe": "test"}
 
 
 @dataclass(frozen=True)
@@ -60,16 +62,24 @@ def draw_split(
     split: str,
     per_device: int,
     first_id: int,
+    question_type: int | None = None,
 ) -> ClipTable:
-    """The clips of ``split`` for every device, ``per_device`` each, with sample ids from ``first_id``."""
+    """The clips of ``split`` for every device, ``per_device`` each, with sample ids from ``first_id``.
+
+    Questions follow each device's skew; with ``question_type`` they are all of that type instead,
+    drawn uniformly (a probe of one kind of question)."""
     src = data.split(SOURCE_SPLIT[split])
-    by = src.answer if cfg.skew_over == "answer" else src.question_type
-    by_np = by.numpy()
-    n_cat = data.num_answers if cfg.skew_over == "answer" else len(QUESTION_TYPES)
-    pools = [np.flatnonzero(by_np == c) for c in range(n_cat)]
+    if question_type is None:
+        by = src.answer if cfg.skew_over == "answer" else src.question_type
+        by_np = by.numpy()
+        n_cat = data.num_answers if cfg.skew_over == "answer" else len(QUESTION_TYPES)
+        pools = [np.flatnonzero(by_np == c) for c in range(n_cat)]
+    else:
+        pools = [np.flatnonzero(src.question_type.numpy() == question_type)]
     questions, dev_ids = [], []
     for dev in devices:
-        w = np.asarray(dev.skew, dtype=np.float64) * np.array([len(p) > 0 for p in pools], dtype=np.float64)
+        skew = dev.skew if question_type is None else [1.0]
+        w = np.asarray(skew, dtype=np.float64) * np.array([len(p) > 0 for p in pools], dtype=np.float64)
         w = w / w.sum()
         counts = rng.multinomial(per_device, w)
         chosen = []

@@ -184,7 +184,7 @@ def _qa_sections(results: dict[str, Any]) -> list[str]:
             "",
         ]
         if inf.get("by_question_type"):
-            lines += _question_type_table(inf["by_question_type"])
+            lines += _question_type_table(inf["by_question_type"], inf.get("shape_probe"))
     diag = results.get("diagnostics")
     if diag and oracle_summary(results):
         o = oracle_summary(results)
@@ -410,9 +410,11 @@ def pair_report(results: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _question_type_table(by_type: Mapping[str, Mapping[str, Any]]) -> list[str]:
+def _question_type_table(by_type: Mapping[str, Mapping[str, Any]],
+                         probe: Mapping[str, Any] | None = None) -> list[str]:
     """The global head per question type, its worst device with a 95 % Wilson interval, and the
-    devices under the per-device goal (all of them, and those whose interval lies under it)."""
+    devices under the per-device goal (all of them, and those whose interval lies under it); then
+    the probe of one question type with many questions per device, when the run made one."""
     goal = next(iter(by_type.values())).get("goal")
     lines = ["The global head by question type (all real-time clips). A device answers few questions of "
              "one type, so its accuracy carries a 95 % Wilson interval"
@@ -427,4 +429,16 @@ def _question_type_table(by_type: Mapping[str, Mapping[str, Any]]) -> list[str]:
         else:  # results written before the intervals were recorded
             worst, under = f"{_pct(q['worst'])} (device {q['worst_device']})", "— | —"
         lines.append(f"| {t} | {_pct(q['mean'])} | {worst} | {under} |")
+    if probe:
+        n, t = probe["per_device"], probe["question_type"]
+        lines.append(f"| {t}, probe of {n} fresh questions per device | {_pct(probe['mean'])} | "
+                     f"{_pct(probe['worst'])} [{_pct(probe['worst_low'])}, {_pct(probe['worst_high'])}] "
+                     f"(device {probe['worst_device']}) | {probe['below_goal']} of {probe['devices']} | "
+                     f"{probe['clearly_below_goal']} |")
+        met = ("met on every device" if not probe["below_goal"] else "not met")
+        lines += ["", f"The probe asks each device {n} {t} questions from the real-time scenes, captured as a "
+                  f"real-time session of that length, so each device's interval is a few points wide. Goal "
+                  f"{_pct(probe['goal'])} % on every device: {met}; {probe['clearly_below_goal']} of "
+                  f"{probe['devices']} devices are clearly under it and {probe['clearly_above_goal']} clearly "
+                  "at or above it."]
     return [*lines, ""]

@@ -9,7 +9,8 @@ benchmark: num_classes, answers[], devices[{id, seen, ...}], counts{}, accuracy_
 stage1: history[{epoch, loss, train_accuracy, seconds}], seconds
 informative: {global_clean, global_seen, global_unseen, global_validation?, oracle_seen, oracle_unseen, verdict,
               by_question_type{<type>: {mean, worst, worst_device, worst_n, worst_low, worst_high,
-                                         goal, devices, below_goal, clearly_below_goal}}}  (DESIGN §5)
+                                         goal, devices, below_goal, clearly_below_goal, clearly_above_goal?}},
+              shape_probe?{the same, question_type, per_device, seconds}}  (DESIGN §5)
 diagnostics: {device_probe_accuracy, chance, global_<g>, prior_corrected_<g>}   g = seen, unseen
 methods.<name>:
   label, adaptive, proposed, train_seconds, config{}

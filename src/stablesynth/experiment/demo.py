@@ -67,6 +67,9 @@ class RunConfig(Config):
     oracle: OracleConfig = Field(default_factory=OracleConfig)
     eval_batch_size: int = Field(128, ge=1)
     adapt_timing_repeats: int = Field(200, ge=1)
+    #: Fresh shape questions per device for the global head's per-device goal (0: no probe); the
+    #: real-time clips hold too few per device to decide it (studies.question_probe).
+    shape_probe_per_device: int = Field(100, ge=0)
     paper_preset: str = "msrvtt-qa"
     #: What the run measures: open-ended QA ("qa"), multiple choice ("mc"), retrieval ("ret").
     tasks: list[Literal["qa", "mc", "ret"]] = Field(default_factory=lambda: ["qa"], min_length=1)
@@ -264,6 +267,13 @@ def run_pipeline(cfg: RunConfig, out: Path, reuse: bool = True, log: Callable[[s
         if base is not None and oracle is not None:
             informative = studies.informative_check(ws, base, realtime, oracle)
             log(informative["verdict"])
+            if cfg.shape_probe_per_device:
+                probe = informative["shape_probe"] = studies.question_probe(
+                    ws, run.bench, "shape", cfg.shape_probe_per_device, cfg.eval_batch_size)
+                log(f"shape probe: {100 * probe['mean']:.1f} over {probe['per_device']} questions per device; "
+                    f"{probe['below_goal']} of {probe['devices']} devices under {100 * probe['goal']:.0f} % "
+                    f"({probe['clearly_below_goal']} clearly), {probe['clearly_above_goal']} clearly above "
+                    f"({probe['seconds']:.0f} s)")
             diag = studies.diagnostics(ws, base, ws.data("history"), realtime, n_devices=len(run.bench.devices))
     caption_tasks = {t for t in cfg.tasks if t != "qa"}
     tasks = run_caption_tasks(run, cfg.captions, caption_tasks, cfg.oracle.enabled) if caption_tasks else {}

@@ -18,9 +18,12 @@ from pydantic import Field
 from torch import nn
 from tqdm.auto import tqdm
 
+from stablesynth.accelerator import autocast, to_device
 from stablesynth.config import Config
 from stablesynth.data.annotation_records import IGNORE_LABEL
 from stablesynth.data.batch import FeatureBatch
+from stablesynth.data.benchmark import PROBE, DeviceBenchmark
+from stablesynth.data.clip_loader import make_loader
 from stablesynth.data.easyvqa import QUESTION_TYPES
 from stablesynth.evaluation.metrics import accuracy, accuracy_block, accuracy_by_device, per_device_summary
 from stablesynth.evaluation.stats import wilson_interval
@@ -183,12 +186,30 @@ def informative_check(ws: Workspace, base: Method, realtime: FeatureBatch, oracl
 PER_DEVICE_GOAL = 0.90
 
 
-def _by_question_type(ws: Workspace, preds: torch.Tensor, realtime: FeatureBatch) -> dict[str, dict[str, Any]]:
-    """The global head per question type: its mean over all clips and its worst device.
+def _against_goal(pred: torch.Tensor, label: torch.Tensor, device: torch.Tensor) -> dict[str, Any]:
+    """Accuracy over all clips, and each device's with its Wilson interval against :data:`PER_DEVICE_GOAL`.
 
-    A device answers only a dozen or so questions of one type, so each device's accuracy comes
-    with its Wilson interval: ``below_goal`` counts the devices under :data:`PER_DEVICE_GOAL`,
-    ``clearly_below_goal`` those whose interval lies wholly under it.
+    ``below_goal`` counts the devices under the goal, ``clearly_below_goal`` those whose interval
+    lies wholly under it and ``clearly_above_goal`` those whose interval lies wholly at or above it.
+    """
+    intervals = {}
+    for d in torch.unique(device).tolist():
+        mine = device == d
+        intervals[int(d)] = wilson_interval(int((pred[mine] == label[mine]).sum()), int(mine.sum()))
+    worst = min(intervals, key=lambda d: (intervals[d]["mean"], -intervals[d]["n"]))
+    w = intervals[worst]
+    return {"mean": accuracy(pred, label), "worst": w["mean"], "worst_device": worst,
+            "worst_n": w["n"], "worst_low": w["low"], "worst_high": w["high"],
+            "goal": PER_DEVICE_GOAL, "devices": len(intervals),
+            "below_goal": sum(i["mean"] < PER_DEVICE_GOAL for i in intervals.values()),
+            "clearly_below_goal": sum(i["high"] < PER_DEVICE_GOAL for i in intervals.values()),
+            "clearly_above_goal": sum(i["low"] >= PER_DEVICE_GOAL for i in intervals.values())}
+
+
+def _by_question_type(ws: Workspace, preds: torch.Tensor, realtime: FeatureBatch) -> dict[str, dict[str, Any]]:
+    """The global head per question type (:func:`_against_goal` over the real-time clips of each type).
+
+    A device answers only a dozen or so questions of one type, hence the intervals.
     """
     qtype = ws.rows["realtime"]["question_type"]
     # Answers outside the vocabulary leave the count, as in accuracy().
@@ -196,21 +217,34 @@ def _by_question_type(ws: Workspace, preds: torch.Tensor, realtime: FeatureBatch
     out: dict[str, dict[str, Any]] = {}
     for t, name in enumerate(QUESTION_TYPES):
         sel = (qtype == t) & answered
-        if not bool(sel.any()):
-            continue
-        pred, label, device = preds[sel], realtime.label[sel], realtime.device[sel]
-        intervals = {}
-        for d in torch.unique(device).tolist():
-            mine = device == d
-            intervals[int(d)] = wilson_interval(int((pred[mine] == label[mine]).sum()), int(mine.sum()))
-        worst = min(intervals, key=lambda d: (intervals[d]["mean"], -intervals[d]["n"]))
-        w = intervals[worst]
-        out[name] = {"mean": accuracy(pred, label), "worst": w["mean"], "worst_device": worst,
-                     "worst_n": w["n"], "worst_low": w["low"], "worst_high": w["high"],
-                     "goal": PER_DEVICE_GOAL, "devices": len(intervals),
-                     "below_goal": sum(i["mean"] < PER_DEVICE_GOAL for i in intervals.values()),
-                     "clearly_below_goal": sum(i["high"] < PER_DEVICE_GOAL for i in intervals.values())}
+        if bool(sel.any()):
+            out[name] = _against_goal(preds[sel], realtime.label[sel], realtime.device[sel])
     return out
+
+
+@torch.inference_mode()
+def question_probe(ws: Workspace, bench: DeviceBenchmark, question_type: str, per_device: int,
+                   batch_size: int = 128) -> dict[str, Any]:
+    """The stage-1 model (the global head) on ``per_device`` fresh questions of one type per device.
+
+    The real-time clips hold a dozen or so questions of a type per device, too few to tell a
+    device at 80 % from one at 90 %; the probe (:meth:`DeviceBenchmark.add_probe`: the real-time
+    scenes captured as a real-time session, with its drift) narrows each interval to a few points.
+    Returns :func:`_against_goal`'s summary plus the probe's size and time.
+    """
+    t = time.perf_counter()
+    bench.add_probe(question_type, per_device)
+    model = ws.model.eval().to(ws.device)
+    preds, labels, devices = [], [], []
+    for batch in make_loader(bench, PROBE, "all", batch_size=batch_size):
+        with autocast(ws.device):
+            preds.append(model(to_device(batch, ws.device)).argmax(-1).cpu())
+        labels.append(batch["label"])
+        devices.append(batch["device"])
+    model.cpu()
+    pred, label, device = torch.cat(preds), torch.cat(labels), torch.cat(devices)
+    return {**_against_goal(pred, label, device), "question_type": question_type, "per_device": per_device,
+            "seconds": time.perf_counter() - t}
 
 
 def diagnostics(ws: Workspace, base: Method, history: FeatureBatch, realtime: FeatureBatch,
