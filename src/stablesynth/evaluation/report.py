@@ -15,6 +15,11 @@ def _pct(v: float | None) -> str:
     return "—" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{100 * v:.1f}"
 
 
+def _pct_ci(mean: float, low: float, high: float) -> str:
+    """``92.1 [90.2, 93.9]``: a fraction with its interval, in percent."""
+    return f"{_pct(mean)} [{_pct(low)}, {_pct(high)}]"
+
+
 def _kb(nbytes: float) -> str:
     return f"{nbytes / 1024:.2f} KB" if nbytes < 100 * 1024 else f"{nbytes / 1024:.1f} KB"
 
@@ -348,8 +353,7 @@ def render_seeds(seeds: dict[str, Any]) -> list[str]:
              "", "| method | seen | unseen | proposed − this, seen | proposed − this, unseen |",
              "|---|---|---|---|---|"]
     for m in seeds["methods"].values():
-        cells = [f"{_pct(m[g]['ci']['mean'])} [{_pct(m[g]['ci']['low'])}, {_pct(m[g]['ci']['high'])}]"
-                 for g in ("seen", "unseen")]
+        cells = [_pct_ci(m[g]["ci"]["mean"], m[g]["ci"]["low"], m[g]["ci"]["high"]) for g in ("seen", "unseen")]
         diffs = [f"{format_ci(m[g]['proposed_minus_this'])} ({verdict(m[g]['proposed_minus_this'])})"
                  if "proposed_minus_this" in m[g] else "—" for g in ("seen", "unseen")]
         lines.append(f"| {m['label']} | " + " | ".join(cells + diffs) + " |")
@@ -367,7 +371,7 @@ def render_ablation(ablation: dict[str, Any]) -> list[str]:
              "|---|---|---|---|---|---|---|---|"]
 
     def interval(mean: float, ci: dict[str, float] | None) -> str:
-        return f"{_pct(mean)} [{_pct(ci['low'])}, {_pct(ci['high'])}]" if ci else _pct(mean)
+        return _pct_ci(mean, ci["low"], ci["high"]) if ci else _pct(mean)
 
     for r in ablation["rows"]:
         diff, session = r.get("vs_reference"), r.get("session") or {}
@@ -423,7 +427,7 @@ def _question_type_table(by_type: Mapping[str, Mapping[str, Any]],
              "of which clearly (interval under it) |", "|---|---|---|---|---|"]
     for t, q in by_type.items():
         if "worst_n" in q:
-            worst = (f"{_pct(q['worst'])} [{_pct(q['worst_low'])}, {_pct(q['worst_high'])}] "
+            worst = (f"{_pct_ci(q['worst'], q['worst_low'], q['worst_high'])} "
                      f"(device {q['worst_device']}, {q['worst_n']} question{'' if q['worst_n'] == 1 else 's'})")
             under = f"{q['below_goal']} of {q['devices']} | {q['clearly_below_goal']}"
         else:  # results written before the intervals were recorded
@@ -432,7 +436,7 @@ def _question_type_table(by_type: Mapping[str, Mapping[str, Any]],
     if probe:
         n, t = probe["per_device"], probe["question_type"]
         lines.append(f"| {t}, probe of {n} fresh questions per device | {_pct(probe['mean'])} | "
-                     f"{_pct(probe['worst'])} [{_pct(probe['worst_low'])}, {_pct(probe['worst_high'])}] "
+                     f"{_pct_ci(probe['worst'], probe['worst_low'], probe['worst_high'])} "
                      f"(device {probe['worst_device']}) | {probe['below_goal']} of {probe['devices']} | "
                      f"{probe['clearly_below_goal']} |")
         met = ("met on every device" if not probe["below_goal"] else "not met")

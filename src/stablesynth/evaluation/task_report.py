@@ -15,10 +15,10 @@ def _task_view(task: dict[str, Any]) -> dict[str, Any]:
 
 
 def _said(task: dict[str, Any], metric: str, per_session: bool = False) -> list[str]:
-    said = verdicts(_task_view(task), metric)
+    view = _task_view(task)
+    said = verdicts(view, metric)
     out = ["", "What the numbers say:", ""] + [f"- {v}" for v in said] if said else []
     if per_session:
-        view = _task_view(task)
         said = verdicts(view, metric, mode="per_session") + session_costs(view, metric)
         out += ["", "Per session:", ""] + [f"- {v}" for v in said] if said else []
     return out

@@ -54,12 +54,12 @@ class Stage1Config(Config):
     frames_per_step: int = Field(0, ge=0)
 
 
-def sample_global_frames(batch: Mapping[str, torch.Tensor], k: int) -> dict[str, torch.Tensor]:
+def sample_global_frames(batch: Mapping[str, torch.Tensor], k: int) -> Mapping[str, torch.Tensor]:
     """``batch`` with each clip's ``global_index`` cut to ``k`` of its frames, drawn uniformly
-    without replacement from the global RNG (``k`` = 0, or at least D: unchanged)."""
+    without replacement from the global RNG (``k`` = 0, or at least D: ``batch`` itself, not copied)."""
     idx = batch["global_index"]
     if k == 0 or k >= idx.shape[1]:
-        return dict(batch)
+        return batch
     pick = torch.rand(idx.shape).argsort(dim=1)[:, :k].to(idx.device)
     return {**batch, "global_index": idx.gather(1, pick)}
 
