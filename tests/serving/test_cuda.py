@@ -47,11 +47,16 @@ def gpu_server(clouds: tuple[CloudModel, CloudModel], live_server: Any, fp32_mat
         yield s
 
 
+@pytest.fixture(scope="module")
+def bundle(clouds: tuple[CloudModel, CloudModel], tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The device bundle, exported once from the CPU copy (the same weights as the GPU's)."""
+    return export_device_bundle(clouds[0], tmp_path_factory.mktemp("dev") / "bundle")
+
+
 @pytest.mark.parametrize("encoding", protocol.ENCODINGS)
-def test_gpu_replies_equal_cpu_replies(gpu_server: Any, clouds: tuple[CloudModel, CloudModel], tmp_path: Path,
-                                       encoding: str) -> None:
+def test_gpu_replies_equal_cpu_replies(gpu_server: Any, clouds: tuple[CloudModel, CloudModel], bundle: Path,
+                                       tmp_path: Path, encoding: str) -> None:
     on_cpu, _ = clouds
-    bundle = export_device_bundle(on_cpu, tmp_path / "bundle")
     feature = torch.randn(192, generator=torch.Generator().manual_seed(1))
     f_g = torch.randn(192, generator=torch.Generator().manual_seed(2))
     with torch.inference_mode():
