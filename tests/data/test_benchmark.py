@@ -7,7 +7,7 @@ from stablesynth.data.benchmark import BATCH_KEYS, FRAME_MEAN, FRAME_STD, PROBE,
 from stablesynth.data.benchmark_config import BenchmarkConfig
 from stablesynth.data.clip_loader import make_loader
 from stablesynth.data.devices import CaptureProfile, capture_clips
-from stablesynth.data.easyvqa import QUESTION_TYPES, load_easyvqa
+from stablesynth.data.easyvqa import COLORS, IGNORE, QUESTION_TYPES, SHAPES, load_easyvqa
 
 SMALL = dict(n_devices=5, n_unseen=2, history_per_device=40, realtime_per_device=16)
 
@@ -231,3 +231,20 @@ def test_probe_asks_every_device_one_question_type_and_changes_nothing_else():
     assert torch.equal(b.batch(PROBE, torch.arange(9))["frames"], first["frames"])  # the same draw again
     with pytest.raises(ValueError, match="question type"):
         b.add_probe("size", 3)
+
+
+def test_attribute_batches_carry_each_scenes_colour_and_shape(bench):
+    rows = torch.arange(40)
+    plain, with_attrs = bench.batch("history", rows), bench.batch("history", rows, attributes=True)
+    assert set(with_attrs) - set(plain) == {"color", "shape"}
+    assert all(torch.equal(plain[k], with_attrs[k]) for k in plain)  # nothing else changes
+    table = bench.samples("history")
+    for split_rows, key, names in ((rows, "color", COLORS), (rows, "shape", SHAPES)):
+        for r in split_rows.tolist():
+            answer = bench.answer_names[int(table.label[r])]
+            if answer in names:  # a what-colour / what-shape question names its scene's value
+                assert int(with_attrs[key][r]) == names.index(answer)
+    known = with_attrs["shape"] != IGNORE
+    assert float(known.float().mean()) > 0.8
+    batch = next(iter(make_loader(bench, "history", "seen", batch_size=8, attributes=True)))
+    assert {"color", "shape"} <= set(batch)

@@ -1,6 +1,14 @@
 import torch
 
-from stablesynth.data.easyvqa import COLORS, QUESTION_TYPES, SHAPES, load_easyvqa, question_type_of
+from stablesynth.data.easyvqa import (
+    COLORS,
+    IGNORE,
+    QUESTION_TYPES,
+    SHAPES,
+    load_easyvqa,
+    question_type_of,
+    scene_attributes,
+)
 
 
 def test_loads_both_splits_with_vocabulary():
@@ -35,3 +43,18 @@ def test_question_type_of_examples():
     assert QUESTION_TYPES[question_type_of("what is the blue shape?")] == "shape"
     assert QUESTION_TYPES[question_type_of("is there a red shape in the image?")] == "yes_no_color"
     assert QUESTION_TYPES[question_type_of("does the image contain a rectangle?")] == "yes_no_shape"
+
+
+def test_scene_attributes_agree_with_every_what_question():
+    data = load_easyvqa()
+    color, shape = scene_attributes(data, "test")
+    src = data.test
+    for q in range(len(src)):
+        answer = data.answers[int(src.answer[q])]
+        img = int(src.image[q])
+        if answer in COLORS:
+            assert color[img] == COLORS.index(answer)
+        if answer in SHAPES:
+            assert shape[img] == SHAPES.index(answer)
+    assert float((color != IGNORE).float().mean()) > 0.85
+    assert float((shape != IGNORE).float().mean()) > 0.85

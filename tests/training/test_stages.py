@@ -5,14 +5,21 @@ from pathlib import Path
 import pytest
 import torch
 
-from stablesynth.checkpoint import read_manifest
+from stablesynth.checkpoint import load_checkpoint, read_manifest
 from stablesynth.data.batch import FeatureBatch
 from stablesynth.data.clip_loader import make_loader
 from stablesynth.methods import build_method
 from stablesynth.models.encoder import create_model
 from stablesynth.models.global_model import GlobalModel, encode_frames
 from stablesynth.training.features import FeatureCacheError, extract_features, load_features, module_fingerprint
-from stablesynth.training.stage1 import Stage1Config, polynomial_decay, sample_global_frames, train_stage1
+from stablesynth.training.stage1 import (
+    AttributeHeads,
+    Stage1Config,
+    attribute_loss,
+    polynomial_decay,
+    sample_global_frames,
+    train_stage1,
+)
 from stablesynth.training.stage2 import paired_batches, predict_per_session, train_method
 
 
@@ -79,6 +86,49 @@ def test_stage1_interrupted_run_resumes_to_the_same_weights(tmp_path: Path, tiny
     train_stage1(resumed, _loader(tiny_bench), cfg, tmp_path / "run", seed=0, log=lambda *_: None)
     for (n, a), b in zip(ref.state_dict().items(), resumed.state_dict().values()):
         assert torch.allclose(a, b, atol=1e-5), n
+
+
+def test_stage1_aux_heads_train_beside_the_answer_head_and_resume(tmp_path: Path, tiny_bench):
+    cfg = Stage1Config(epochs=2, lr=1e-3, batch_size=8, head_dropout=0.0, aux_weight=1.0)
+    k = tiny_bench.num_classes
+
+    def loader(epoch):
+        return make_loader(tiny_bench, "history", "seen", batch_size=8, shuffle=True, seed=epoch, attributes=True)
+
+    ref = _model(k)
+    train_stage1(ref, loader, cfg, tmp_path / "ref", seed=0, log=lambda *_: None)
+    tensors, _ = load_checkpoint(tmp_path / "ref")
+    assert {"aux.color.weight", "aux.shape.bias"} <= set(tensors)
+    assert {n[len("model."):] for n in tensors if n.startswith("model.")} == set(ref.state_dict())
+    plain = _model(k)
+    train_stage1(plain, _loader(tiny_bench), cfg.replace(aux_weight=0.0), tmp_path / "plain", seed=0,
+                 log=lambda *_: None)
+    assert any(not torch.equal(a, b) for a, b in zip(ref.state_dict().values(), plain.state_dict().values()))
+
+    def crashing(epoch):
+        if epoch == 1:
+            raise KeyboardInterrupt
+        return loader(epoch)
+
+    with pytest.raises(KeyboardInterrupt):
+        train_stage1(_model(k), crashing, cfg, tmp_path / "run", seed=0, log=lambda *_: None)
+    resumed = _model(k)
+    train_stage1(resumed, loader, cfg, tmp_path / "run", seed=0, log=lambda *_: None)
+    for (n, a), b in zip(ref.state_dict().items(), resumed.state_dict().values()):
+        assert torch.allclose(a, b, atol=1e-5), n
+    with pytest.raises(ValueError, match="attributes=True"):
+        train_stage1(_model(k), _loader(tiny_bench), cfg, tmp_path / "bare", seed=0, log=lambda *_: None)
+
+
+def test_attribute_loss_leaves_unknown_attributes_out(tiny_bench):
+    heads = AttributeHeads(_model(tiny_bench.num_classes), seed=0)
+    batch = next(iter(make_loader(tiny_bench, "history", batch_size=4, attributes=True)))
+    unknown = {**batch, "color": torch.full_like(batch["color"], -100), "shape": torch.full_like(batch["shape"], -100)}
+    with torch.no_grad():
+        _, with_known = attribute_loss(heads, batch, 1.0)
+        _, task = attribute_loss(heads, batch, 0.0)
+        _, none_known = attribute_loss(heads, unknown, 1.0)
+    assert float(with_known) > float(task) and torch.isfinite(none_known) and float(none_known) == float(task)
 
 
 def test_feature_cache_resumes_and_refuses_other_encoders(tmp_path: Path, tiny_bench):

@@ -32,7 +32,7 @@ import torch
 from stablesynth.data.benchmark_config import BENCH_SPLITS, BenchmarkConfig
 from stablesynth.data.clip_splits import SOURCE_SPLIT, ClipTable, draw_split
 from stablesynth.data.devices import CaptureProfile, DeviceSpec, capture_clips, sample_devices
-from stablesynth.data.easyvqa import QUESTION_TYPES, EasyVQA, load_easyvqa
+from stablesynth.data.easyvqa import QUESTION_TYPES, EasyVQA, load_easyvqa, scene_attributes
 
 CATEGORY_KINDS: tuple[str, ...] = ("answer", "question_type", "device")
 
@@ -81,6 +81,7 @@ class DeviceBenchmark:
         self.devices = devices
         self.splits = splits
         self._tokens: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._attributes: dict[str, dict[str, torch.Tensor]] = {}
         self._params = {s: torch.stack([dev.profile(s).to_tensor() for dev in devices]) for s in BENCH_SPLITS}
 
     @classmethod
@@ -244,6 +245,15 @@ class DeviceBenchmark:
             self._tokens[split] = (ids[inverse], mask[inverse])
         return self._tokens[split]
 
+    def scene_attributes(self, split: str) -> dict[str, torch.Tensor]:
+        """``{"color", "shape"}``: per clip of ``split``, its scene's colour and shape (indices into
+        COLORS / SHAPES, -100 where the scene's questions leave it open; read once per source split)."""
+        if split not in self._attributes:
+            table = self._table(split)
+            color, shape = scene_attributes(self.data, SOURCE_SPLIT[split])
+            self._attributes[split] = {"color": color[table.image], "shape": shape[table.image]}
+        return self._attributes[split]
+
     def session_fraction(self, split: str) -> torch.Tensor:
         """Per clip, (t + 1) / n: its position t in its device's session of n clips (capture order = row order)."""
         table = self._table(split)
@@ -285,8 +295,10 @@ class DeviceBenchmark:
             self.cfg.jitter() if jitter else None,
         )
 
-    def batch(self, split: str, rows: torch.Tensor | Sequence[int], clean: bool = False) -> dict[str, torch.Tensor]:
-        """One loader batch (keys :data:`BATCH_KEYS`, docs/architecture.md "Clip loader batches")."""
+    def batch(self, split: str, rows: torch.Tensor | Sequence[int], clean: bool = False,
+              attributes: bool = False) -> dict[str, torch.Tensor]:
+        """One loader batch (keys :data:`BATCH_KEYS`, docs/architecture.md "Clip loader batches"); with
+        ``attributes`` also each scene's ``color`` and ``shape`` (:meth:`scene_attributes`)."""
         rows = torch.as_tensor(rows, dtype=torch.long)
         table = self._table(split)
         if rows.dim() != 1:
@@ -294,6 +306,7 @@ class DeviceBenchmark:
         if len(rows) and (int(rows.min()) < 0 or int(rows.max()) >= len(table)):
             raise IndexError(f"row index out of range for split {split!r} with {len(table)} clips")
         ids, mask = self.tokens(split)
+        extra = {k: v[rows] for k, v in self.scene_attributes(split).items()} if attributes else {}
         return {
             "frames": normalise_frames(self.render(split, rows, clean=clean)),
             "input_ids": ids[rows],
@@ -304,6 +317,7 @@ class DeviceBenchmark:
             "upload_index": table.upload_index[rows],
             "global_index": table.global_index[rows],
             "sample_id": table.sample_id[rows],
+            **extra,
         }
 
     def describe(self) -> list[dict[str, Any]]:

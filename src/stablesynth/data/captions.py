@@ -1,7 +1,7 @@
 """Captions of easy-VQA scenes and the (clip, caption) rows of the multiple-choice and retrieval tasks.
 
 Every easy-VQA scene shows one coloured shape, and its questions tell the colour and the
-shape (:func:`~stablesynth.data.pretrain.scene_attributes`), so each scene has a caption
+shape (:func:`~stablesynth.data.easyvqa.scene_attributes`), so each scene has a caption
 "a <colour> <shape>": 8 colours × 3 shapes = 24 captions, numbered as :data:`CAPTIONS`.
 
 :class:`CaptionPairs` turns the device benchmark's clips into rows of (clip, caption,
@@ -27,8 +27,7 @@ import torch
 
 from stablesynth.data.benchmark import DeviceBenchmark, normalise_frames
 from stablesynth.data.clip_splits import SOURCE_SPLIT
-from stablesynth.data.easyvqa import COLORS, SHAPES, EasyVQA
-from stablesynth.data.pretrain import scene_attributes
+from stablesynth.data.easyvqa import COLORS, SHAPES, EasyVQA, scene_attributes
 
 #: Captions as (colour, shape), numbered colour-major: caption c is (COLORS[c // 3], SHAPES[c % 3]).
 CAPTIONS: tuple[tuple[str, str], ...] = tuple((c, s) for c in COLORS for s in SHAPES)

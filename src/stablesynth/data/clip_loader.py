@@ -26,10 +26,12 @@ class ClipDataset(Dataset):
         split: str,
         devices: Sequence[int] | str | None = None,
         clean: bool = False,
+        attributes: bool = False,
     ) -> None:
         self.benchmark = benchmark
         self.split = split
         self.clean = clean
+        self.attributes = attributes
         self.rows = benchmark.rows(split, devices)
 
     def __len__(self) -> int:
@@ -39,7 +41,8 @@ class ClipDataset(Dataset):
         return int(self.rows[i])
 
     def collate(self, rows: list[int]) -> dict[str, torch.Tensor]:
-        return self.benchmark.batch(self.split, torch.tensor(rows, dtype=torch.long), clean=self.clean)
+        return self.benchmark.batch(self.split, torch.tensor(rows, dtype=torch.long), clean=self.clean,
+                                    attributes=self.attributes)
 
 
 def make_loader(
@@ -52,16 +55,18 @@ def make_loader(
     num_workers: int = 0,
     seed: int | None = None,
     drop_last: bool = False,
+    attributes: bool = False,
 ) -> DataLoader:
     """A DataLoader of dict batches (:data:`BATCH_KEYS`).
 
     ``devices``: ids, or 'seen' / 'unseen' / 'all' (None). Shuffling draws from ``seed``
     (default: the benchmark seed), so two loaders made alike yield the same order.
     ``clean=True`` renders through the identity profile (the no-shift reference).
+    ``attributes=True`` adds each scene's ``color`` and ``shape`` (stage 1's auxiliary targets).
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    ds = ClipDataset(benchmark, split, devices, clean)
+    ds = ClipDataset(benchmark, split, devices, clean, attributes)
     if len(ds) == 0:
         raise ValueError(f"no clips in split {split!r} for devices {devices!r}")
     generator = None

@@ -30,6 +30,8 @@ QUESTION_TYPES: tuple[str, ...] = ("shape", "color", "yes_no_shape", "yes_no_col
 
 COLORS: tuple[str, ...] = ("red", "green", "blue", "black", "gray", "teal", "brown", "yellow")
 SHAPES: tuple[str, ...] = ("circle", "rectangle", "triangle")
+#: A scene attribute its questions leave open (cross-entropy's ``ignore_index``).
+IGNORE = -100
 
 
 def question_type_of(question: str) -> int:
@@ -140,3 +142,38 @@ def load_easyvqa(root: str | None = None) -> EasyVQA:
         train=_load_split(base, "train", index),
         test=_load_split(base, "test", index),
     )
+
+
+def scene_attributes(data: EasyVQA, split: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-scene (colour, shape) indices into COLORS / SHAPES, read off the scene's questions.
+
+    "What color …" and "what shape …" answers name them, and so does a what-question's
+    own words ("what is the blue shape?"); a yes/no answer names one ("is there a red
+    shape?" yes, "is there not a circle?" no) or rules one out, and a
+    scene whose other values are all ruled out has the last one. Unknown: -100.
+    """
+    src = data.split(split)
+    n = int(src.images.shape[0])
+    attrs = ((COLORS, torch.full((n,), IGNORE, dtype=torch.long)), (SHAPES, torch.full((n,), IGNORE, dtype=torch.long)))
+    excluded: list[list[set[int]]] = [[set() for _ in range(n)] for _ in attrs]
+    for q, text in enumerate(src.questions):
+        answer = data.answers[int(src.answer[q])]
+        img = int(src.image[q])
+        words = text.lower().replace("?", " ").split()
+        # "What is the blue shape?" presupposes a blue shape; a yes/no question names one or rules it out.
+        present = words[0] == "what" or (answer == "yes") != ("not" in words or "no" in words)
+        for k, (names, value) in enumerate(attrs):
+            if answer in names:
+                value[img] = names.index(answer)
+            for w in words:
+                if w in names:
+                    if present:
+                        value[img] = names.index(w)
+                    else:
+                        excluded[k][img].add(names.index(w))
+    for k, (names, value) in enumerate(attrs):
+        for img in range(n):
+            left = set(range(len(names))) - excluded[k][img]
+            if value[img] == IGNORE and len(left) == 1:
+                value[img] = left.pop()
+    return attrs[0][1], attrs[1][1]

@@ -46,8 +46,7 @@ import numpy as np
 from PIL import Image
 
 from stablesynth.data.captions import CAPTIONS, MC_CANDIDATES, caption, caption_index, mc_candidates
-from stablesynth.data.easyvqa import COLORS, SHAPES, EasyVQA, load_easyvqa
-from stablesynth.data.pretrain import scene_attributes
+from stablesynth.data.easyvqa import COLORS, SHAPES, EasyVQA, load_easyvqa, scene_attributes
 
 #: mp4 encoders tried in order: MPEG-4 Part 2 decodes about twice as fast as H.264 (MSRVTT's own
 #: codec, which ``codec="libx264"`` writes) and is in every FFmpeg build.
@@ -72,7 +71,7 @@ class Scene:
 
 def easyvqa_scenes(data: EasyVQA, split: str) -> list[Scene]:
     """The split's images whose colour and shape their questions tell
-    (:func:`~stablesynth.data.pretrain.scene_attributes`), in image order."""
+    (:func:`~stablesynth.data.easyvqa.scene_attributes`), in image order."""
     src = data.split(split)
     colour, shape = scene_attributes(data, split)
     qs: dict[int, list[tuple[str, str]]] = {}

@@ -25,11 +25,10 @@ import torch
 
 from stablesynth.data.benchmark import normalise_frames
 from stablesynth.data.devices import PROFILE_DIM, CaptureProfile, ProfileRanges, apply_profiles, capture_clips
-from stablesynth.data.easyvqa import COLORS, SHAPES, EasyVQA, load_easyvqa
+from stablesynth.data.easyvqa import EasyVQA, load_easyvqa, scene_attributes
 
 #: Bump when rendering or labelling changes what a config produces (the stage-0 cache key holds it).
 PRETRAIN_DATA_VERSION = 1
-IGNORE = -100
 
 
 @dataclass(frozen=True)
@@ -85,41 +84,6 @@ class PretrainSet:
             "color": self.color[img],
             "shape": self.shape[img],
         }
-
-
-def scene_attributes(data: EasyVQA, split: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-scene (colour, shape) indices into COLORS / SHAPES, read off the scene's questions.
-
-    "What color …" and "what shape …" answers name them, and so does a what-question's
-    own words ("what is the blue shape?"); a yes/no answer names one ("is there a red
-    shape?" yes, "is there not a circle?" no) or rules one out, and a
-    scene whose other values are all ruled out has the last one. Unknown: -100.
-    """
-    src = data.split(split)
-    n = int(src.images.shape[0])
-    attrs = ((COLORS, torch.full((n,), IGNORE, dtype=torch.long)), (SHAPES, torch.full((n,), IGNORE, dtype=torch.long)))
-    excluded: list[list[set[int]]] = [[set() for _ in range(n)] for _ in attrs]
-    for q, text in enumerate(src.questions):
-        answer = data.answers[int(src.answer[q])]
-        img = int(src.image[q])
-        words = text.lower().replace("?", " ").split()
-        # "What is the blue shape?" presupposes a blue shape; a yes/no question names one or rules it out.
-        present = words[0] == "what" or (answer == "yes") != ("not" in words or "no" in words)
-        for k, (names, value) in enumerate(attrs):
-            if answer in names:
-                value[img] = names.index(answer)
-            for w in words:
-                if w in names:
-                    if present:
-                        value[img] = names.index(w)
-                    else:
-                        excluded[k][img].add(names.index(w))
-    for k, (names, value) in enumerate(attrs):
-        for img in range(n):
-            left = set(range(len(names))) - excluded[k][img]
-            if value[img] == IGNORE and len(left) == 1:
-                value[img] = left.pop()
-    return attrs[0][1], attrs[1][1]
 
 
 def render_clean(images: torch.Tensor, size: int, batch: int = 1000) -> torch.Tensor:

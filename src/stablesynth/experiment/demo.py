@@ -186,7 +186,7 @@ class DemoRun:
 
         def loader(epoch: int):
             return make_loader(self.bench, "history", "train", batch_size=cfg.stage1.batch_size, shuffle=True,
-                               seed=cfg.seed * 1000 + epoch, drop_last=True)
+                               seed=cfg.seed * 1000 + epoch, drop_last=True, attributes=cfg.stage1.aux_weight > 0)
 
         ws.stage1_info = train_stage1(ws.model, loader, cfg.stage1, ckpt, cfg.seed,
                                       manifest_extra=self._stage1_fields(), log=ws.log, device=ws.device)

@@ -16,7 +16,10 @@ never finishes its headers or its body forever, and buffers headers of any size.
   keep-alive period ends, the client must read within ``send_timeout`` seconds (from high
   to low water, i.e. the deadline is between two reads, like nginx's ``send_timeout``),
   else the connection is aborted and the unsent bytes are dropped. Without this a client
-  that stops reading would hold its connection and a 582 KB reply forever.
+  that stops reading would hold its connection and a 582 KB reply forever;
+- what waits to be sent is the reply's own bytes, never a view of a buffer it shares with
+  other replies (:class:`UnpinnedTransport`): Θ_d frames are written a few to a buffer, so a
+  client that stops reading would otherwise keep its group's 3 MB, not its 582 KB.
 
 The read limits act before the app runs, so before the bearer token is checked.
 """
@@ -25,6 +28,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 from collections.abc import Callable
 from typing import Any
 
@@ -72,6 +76,43 @@ class _Deadline:
         if self._handle is not None:
             self._handle.cancel()
             self._handle = None
+
+
+class UnpinnedTransport:
+    """A transport whose unsent bytes are its own: a ``memoryview`` is written to the socket as far
+    as it takes it at once, and only the rest, copied, is handed to the transport.
+
+    Transports keep what they cannot send at once as given (uvloop, and asyncio from Python
+    3.12 on, without a copy), so a view would keep the whole buffer behind it alive until
+    the client reads. The direct write is what the transport itself tries first (uvloop's
+    ``_try_write``), made only while nothing of this connection waits to be sent, so bytes
+    stay in order. Anything else (bytes, a TLS transport, a socket error) goes to the
+    transport as is. Every other attribute is the transport's.
+    """
+
+    def __init__(self, transport: asyncio.Transport) -> None:
+        self._transport = transport
+        sock = transport.get_extra_info("socket")
+        plain = sock is not None and not transport.get_extra_info("sslcontext")
+        self._fd = sock.fileno() if plain else -1
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._transport, name)
+
+    def write(self, data: bytes | bytearray | memoryview) -> None:
+        t = self._transport
+        if type(data) is not memoryview or self._fd < 0 or t.is_closing() or t.get_write_buffer_size():
+            t.write(data)
+            return
+        try:
+            sent = os.write(self._fd, data)
+        except (BlockingIOError, InterruptedError):
+            sent = 0
+        except OSError:
+            t.write(data)  # the transport meets the same error and closes the connection its way
+            return
+        if sent < len(data):
+            t.write(data[sent:].tobytes())
 
 
 class GuardedConfig(uvicorn.Config):
@@ -136,7 +177,7 @@ class GuardedHttpProtocol(HttpToolsProtocol):
 
     # -- asyncio.Protocol
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
-        super().connection_made(transport)
+        super().connection_made(UnpinnedTransport(transport))  # type: ignore[arg-type]
         self._arm(self.limits.header_timeout)
 
     def connection_lost(self, exc: Exception | None) -> None:

@@ -38,8 +38,8 @@ from tqdm.auto import tqdm
 from stablesynth.accelerator import configure_backends, to_device
 from stablesynth.checkpoint import CheckpointError, load_checkpoint, read_manifest, save_checkpoint
 from stablesynth.config import Config
-from stablesynth.data.easyvqa import COLORS, QUESTION_TYPES, SHAPES
-from stablesynth.data.pretrain import IGNORE, PretrainSet, build_pretrain_set
+from stablesynth.data.easyvqa import COLORS, IGNORE, QUESTION_TYPES, SHAPES
+from stablesynth.data.pretrain import PretrainSet, build_pretrain_set
 from stablesynth.models.device import HIDDEN_DIM, StaticHead
 from stablesynth.models.encoder import ENCODERS, create_model
 from stablesynth.models.global_model import GlobalModel

@@ -20,11 +20,13 @@ from typing import Any
 
 import torch
 from pydantic import Field
+from torch import nn
 from tqdm.auto import tqdm
 
-from stablesynth.accelerator import configure_backends, to_device
+from stablesynth.accelerator import autocast, configure_backends, to_device
 from stablesynth.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from stablesynth.config import Config
+from stablesynth.data.easyvqa import COLORS, IGNORE, SHAPES
 from stablesynth.models.global_model import GlobalModel
 from stablesynth.training.distributed import SINGLE, DistContext, training_device
 from stablesynth.training.steps import forward_loss, make_optimizer, make_scheduler, optimizer_step
@@ -52,6 +54,47 @@ class Stage1Config(Config):
     #: anew every step; F_g is still the mean of all D at evaluation. Encoding is most of the
     #: step's cost, so 1 of 3 trains about three times faster.
     frames_per_step: int = Field(0, ge=0)
+    #: Weight of two auxiliary losses on F_g: each scene's colour and shape (known from its
+    #: questions), read off by linear heads as in stage 0. 0 = the task loss alone (the paper's).
+    #: The loader must then give ``color`` and ``shape`` (``make_loader(..., attributes=True)``).
+    aux_weight: float = Field(0.0, ge=0)
+
+
+class AttributeHeads(nn.Module):
+    """The stage-1 model with colour and shape heads on F_g beside its answer head (training only;
+    the heads are saved as ``aux.*`` in the checkpoint, the model's tensors stay ``model.*``)."""
+
+    def __init__(self, model: GlobalModel, seed: int) -> None:
+        super().__init__()
+        self.model = model
+        dim = model.encoder.feature_dim
+        # Their own seed: the heads start alike whatever the caller drew before.
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            self.color = nn.Linear(dim, len(COLORS))
+            self.shape = nn.Linear(dim, len(SHAPES))
+
+    def forward(self, batch: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        f = self.model.clip_features(batch)
+        return self.model.classifier(self.model.static(f)), self.color(f), self.shape(f)
+
+
+def attribute_loss(net: nn.Module, batch: Mapping[str, torch.Tensor], weight: float,
+                   device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
+    """Logits and the task cross-entropy plus ``weight`` × the colour and shape cross-entropies
+    (unknown attributes, -100, left out; a batch with none known adds 0, with no host sync)."""
+    if "color" not in batch or "shape" not in batch:
+        raise ValueError("stage1.aux_weight > 0 needs batches with each scene's color and shape "
+                         "(make_loader(..., attributes=True))")
+    with autocast(device):
+        logits, color, shape = net(batch)
+    logits = logits.float()
+    loss = nn.functional.cross_entropy(logits, batch["label"], ignore_index=IGNORE)
+    for out, key in ((color, "color"), (shape, "shape")):
+        target = batch[key]
+        total = nn.functional.cross_entropy(out.float(), target, ignore_index=IGNORE, reduction="sum")
+        loss = loss + weight * total / (target != IGNORE).sum().clamp(min=1)
+    return logits, loss
 
 
 def sample_global_frames(batch: Mapping[str, torch.Tensor], k: int) -> Mapping[str, torch.Tensor]:
@@ -119,9 +162,12 @@ def train_stage1(
     dev = training_device(device, ctx)
     configure_backends(dev)
     on_cpu = dev.type == "cpu"
-    model.to(dev)
-    net = ctx.wrap(model)
-    opt = make_optimizer(model, cfg.lr, cfg.weight_decay, dev)
+    # With auxiliary heads, they train with the model (and are optimised and saved with it).
+    heads = AttributeHeads(model, seed) if cfg.aux_weight > 0 else None
+    trained: nn.Module = model if heads is None else heads
+    trained.to(dev)
+    net = ctx.wrap(trained)
+    opt = make_optimizer(trained, cfg.lr, cfg.weight_decay, dev)
     steps_per_epoch = len(loader_factory(0))
     if cfg.max_steps_per_epoch:
         steps_per_epoch = min(steps_per_epoch, cfg.max_steps_per_epoch)
@@ -137,6 +183,12 @@ def train_stage1(
         except CheckpointError:
             raise
         model.load_state_dict({k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")})
+        if heads is not None:
+            aux = {k[len("aux."):]: v for k, v in tensors.items() if k.startswith("aux.")}
+            if not aux:
+                raise CheckpointError(f"checkpoint {ckpt_dir} was trained without stage1.aux_weight")
+            heads.color.load_state_dict({k[len("color."):]: v for k, v in aux.items() if k.startswith("color.")})
+            heads.shape.load_state_dict({k[len("shape."):]: v for k, v in aux.items() if k.startswith("shape.")})
         _load_optimizer(opt, tensors)
         start_epoch = int(manifest["epoch"])
         history = list(manifest.get("history", []))
@@ -152,7 +204,7 @@ def train_stage1(
 
     for epoch in range(start_epoch, cfg.epochs):
         torch.manual_seed(seed * 1000 + epoch)
-        model.train()
+        trained.train()
         t0 = time.perf_counter()
         total_loss, correct, count = 0.0, 0, 0
         batches: Iterable = loader_factory(epoch)
@@ -166,7 +218,10 @@ def train_stage1(
             batch = sample_global_frames(batch, cfg.frames_per_step)
             if not on_cpu:
                 batch = to_device(batch, dev, non_blocking=True)
-            logits, loss = forward_loss(net, batch, dev)
+            if heads is None:
+                logits, loss = forward_loss(net, batch, dev)
+            else:
+                logits, loss = attribute_loss(net, batch, cfg.aux_weight, dev)
             if on_cpu:
                 if not torch.isfinite(loss):
                     raise FloatingPointError(f"stage 1: loss became {float(loss)} at epoch {epoch + 1} step {step}")
@@ -208,6 +263,10 @@ def train_stage1(
             f"train acc {record['train_accuracy']:.3f} ({record['seconds']:.1f} s)")
         if ctx.is_main:
             tensors = {f"model.{k}": v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+            if heads is not None:
+                for name, part in (("color", heads.color), ("shape", heads.shape)):
+                    tensors.update({f"aux.{name}.{k}": v.detach().cpu().contiguous()
+                                    for k, v in part.state_dict().items()})
             tensors.update(_optimizer_tensors(opt))
             save_checkpoint(ckpt_dir, tensors, {
                 "kind": "stage1", "epoch": epoch + 1, "history": history, "config": cfg.to_dict(),
