@@ -18,14 +18,16 @@ def register(sub: argparse._SubParsersAction) -> None:
         "ablate", help="StableSynthNet with one module/choice changed at a time, over seeds",
         description=("Reuses the demo run in --out (stage 1 and feature caches; runs them if missing), then trains "
                      "StableSynthNet variants in stage 2: each module off in turn, convex vs literal template "
-                     "update, fusion direction, generators full/lowrank/film, and D = 1..N_f frames. Writes "
+                     "update, fusion direction, generators full/lowrank/film, what stage 2 trains, D = 1..N_f "
+                     "frames, and how the encoder is trained (camera-like pretraining, stage-1 colour and shape "
+                     "heads: each trains its own stage 1 in --out/ablate/). Writes "
                      "ablation.json, ablation.png and adds an Ablations section to report.md."))
     ab.add_argument("--out", type=Path, default=Path("runs/demo"), help="the demo's output folder")
     ab.add_argument("--config", type=Path, default=None, help="run config (default: the packaged demo config)")
     ab.add_argument("--quick", action="store_true", help="use the quick config")
     ab.add_argument("--seeds", type=int, default=3, help="stage-2 seeds per variant (default 3)")
     ab.add_argument("--only", nargs="*", default=None,
-                    help="only these groups: reference modules templates generator frames")
+                    help="only these groups: reference modules templates generator stage2 frames encoder")
     add_device_argument(ab)
     ab.set_defaults(func=_ablate)
 

@@ -74,11 +74,12 @@ def draw_split(
         by_np = by.numpy()
         n_cat = data.num_answers if cfg.skew_over == "answer" else len(QUESTION_TYPES)
         pools = [np.flatnonzero(by_np == c) for c in range(n_cat)]
+        skews = [dev.skew for dev in devices]
     else:
         pools = [np.flatnonzero(src.question_type.numpy() == question_type)]
+        skews = [[1.0] for _ in devices]
     questions, dev_ids = [], []
-    for dev in devices:
-        skew = dev.skew if question_type is None else [1.0]
+    for dev, skew in zip(devices, skews):
         w = np.asarray(skew, dtype=np.float64) * np.array([len(p) > 0 for p in pools], dtype=np.float64)
         w = w / w.sum()
         counts = rng.multinomial(per_device, w)
