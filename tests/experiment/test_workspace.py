@@ -6,10 +6,12 @@ from pathlib import Path
 
 import torch
 
-from stablesynth.experiment.workspace import Workspace
+from stablesynth.checkpoint import save_checkpoint
+from stablesynth.experiment.workspace import Workspace, drop_stale_checkpoint
 from stablesynth.methods import MethodConfig
 from stablesynth.models.encoder import create_model
 from stablesynth.models.global_model import GlobalModel
+from stablesynth.training.stage1 import Stage1Config
 
 
 def _workspace(tmp_path: Path, seed: int = 0) -> Workspace:
@@ -39,3 +41,15 @@ def test_a_methods_initial_weights_depend_on_the_run_seed_and_its_name_only(tmp_
     torch.manual_seed(3)
     ws.method("duet")
     assert torch.equal(torch.rand(4), expected)
+
+
+def test_a_stage1_checkpoint_from_before_an_option_existed_is_kept_at_its_default(tmp_path: Path):
+    before = {k: v for k, v in Stage1Config().to_dict().items() if k != "aux_weight"}  # as older runs stored it
+    for name, wanted, kept in (("same", Stage1Config(), True), ("changed", Stage1Config(aux_weight=1.0), False),
+                               ("other", Stage1Config(epochs=3), False)):
+        ckpt = save_checkpoint(tmp_path / name, {"w": torch.zeros(1)}, {"kind": "stage1", "config": before})
+        drop_stale_checkpoint(ckpt, {"config": wanted.to_dict()}, lambda *_: None, Stage1Config)
+        assert (ckpt / "manifest.json").exists() == kept, name
+    ckpt = save_checkpoint(tmp_path / "strict", {"w": torch.zeros(1)}, {"kind": "stage1", "config": before})
+    drop_stale_checkpoint(ckpt, {"config": Stage1Config().to_dict()}, lambda *_: None)  # no type: compared as is
+    assert not ckpt.exists()

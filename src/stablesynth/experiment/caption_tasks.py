@@ -112,7 +112,7 @@ class CaptionRun:
         ws, cfg = self.ws, self.cfg
         fields = {"from_stage1": read_manifest(self.run.ws.out / "stage1")["sha256"],
                   "benchmark": self.run.bench.fingerprint(), "captions": self._key(), "seed": ws.seed}
-        drop_stale_checkpoint(ws.out / "stage1", {**fields, "config": cfg.stage1.to_dict()}, ws.log)
+        drop_stale_checkpoint(ws.out / "stage1", {**fields, "config": cfg.stage1.to_dict()}, ws.log, Stage1Config)
         rows = self.pairs.select("history", "train")
 
         def loader(epoch: int) -> PairBatches:

@@ -182,7 +182,8 @@ class DemoRun:
         t = time.perf_counter()
         cfg, ws = self.cfg, self.ws
         ckpt = ws.out / "stage1"
-        drop_stale_checkpoint(ckpt, {**self._stage1_fields(), "config": cfg.stage1.to_dict()}, ws.log)
+        drop_stale_checkpoint(ckpt, {**self._stage1_fields(), "config": cfg.stage1.to_dict()}, ws.log,
+                              Stage1Config)
 
         def loader(epoch: int):
             return make_loader(self.bench, "history", "train", batch_size=cfg.stage1.batch_size, shuffle=True,

@@ -10,6 +10,7 @@ to know (does it adapt, does stage 2 train it, does it read the untrained encode
 
 from __future__ import annotations
 
+import contextlib
 import shutil
 import time
 import zlib
@@ -21,6 +22,7 @@ from typing import Any
 import torch
 
 from stablesynth.checkpoint import CheckpointError, load_module_state, read_manifest, save_module
+from stablesynth.config import Config, ConfigError
 from stablesynth.data.batch import FeatureBatch
 from stablesynth.evaluation.cost import count_flops, count_parameters, payload_bytes, time_call
 from stablesynth.evaluation.metrics import accuracy_block, accuracy_by_device
@@ -32,10 +34,13 @@ from stablesynth.training.features import to_feature_batch
 from stablesynth.training.stage2 import predict_per_sample, predict_per_session, train_method
 
 
-def drop_stale_checkpoint(ckpt: Path, wanted: dict[str, Any], log: Callable[[str], None]) -> None:
+def drop_stale_checkpoint(ckpt: Path, wanted: dict[str, Any], log: Callable[[str], None],
+                          config_type: type[Config] | None = None) -> None:
     """Delete the stage-1 checkpoint ``ckpt`` unless its manifest has every field of ``wanted``.
 
-    An interrupted run with the same inputs then resumes; anything else starts over.
+    An interrupted run with the same inputs then resumes; anything else starts over. With
+    ``config_type``, the stored ``config`` is read through it first, so an option added since,
+    left at its default, does not make older checkpoints stale.
     """
     if not (ckpt / "manifest.json").exists():
         return
@@ -43,6 +48,9 @@ def drop_stale_checkpoint(ckpt: Path, wanted: dict[str, Any], log: Callable[[str
         old = read_manifest(ckpt)
     except CheckpointError as exc:
         old = {"error": str(exc)}
+    if config_type is not None and isinstance(old.get("config"), dict):
+        with contextlib.suppress(ConfigError):  # unreadable: it differs, and the checkpoint goes
+            old = {**old, "config": config_type.from_dict(old["config"]).to_dict()}
     stale = sorted(k for k, v in wanted.items() if old.get(k) != v)
     if stale:
         log(f"stage 1: {ckpt} was trained with other {', '.join(stale)}; training again")
