@@ -79,8 +79,9 @@ def accuracy_vs_cost(results: dict[str, Any], path: Path) -> Path:
     axes[1].set_title("Accuracy vs cloud compute")
     for ax in axes:
         ax.grid(alpha=0.3)
-    axes[0].legend(fontsize=7, loc="lower right")
-    axes[1].legend(fontsize=6, loc="lower right")
+    for ax, size in zip(axes, (7, 6)):
+        if ax.get_legend_handles_labels()[0]:  # a run whose methods have no FLOP count has nothing to list
+            ax.legend(fontsize=size, loc="lower right")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
