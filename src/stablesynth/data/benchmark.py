@@ -247,7 +247,7 @@ class DeviceBenchmark:
 
     def scene_attributes(self, split: str) -> dict[str, torch.Tensor]:
         """``{"color", "shape"}``: per clip of ``split``, its scene's colour and shape (indices into
-        COLORS / SHAPES, -100 where the scene's questions leave it open; read once per source split)."""
+        COLORS / SHAPES, -100 where the scene's questions leave it open; worked out once per split)."""
         if split not in self._attributes:
             table = self._table(split)
             color, shape = scene_attributes(self.data, SOURCE_SPLIT[split])

@@ -110,9 +110,11 @@ def session_costs(results: dict[str, Any], metric: str = "accuracy") -> list[str
     return out
 
 
-def _per_session_said(results: dict[str, Any]) -> list[str]:
-    said = verdicts(results, mode="per_session") + session_costs(results)
-    return ["", "What the per-session numbers say:", ""] + [f"- {v}" for v in said] if said else []
+def per_session_said(results: dict[str, Any], metric: str = "accuracy",
+                     title: str = "What the per-session numbers say:") -> list[str]:
+    """Report lines under ``title``: the per-session verdicts and what one upload per session costs."""
+    said = verdicts(results, metric, mode="per_session") + session_costs(results, metric)
+    return ["", title, ""] + [f"- {v}" for v in said] if said else []
 
 
 def render_report(results: dict[str, Any], ablation: dict[str, Any] | None = None,
@@ -254,7 +256,7 @@ def _qa_sections(results: dict[str, Any]) -> list[str]:
     said = verdicts(results)
     if said:
         lines += ["", "### What the numbers say", ""] + [f"- {v}" for v in said]
-    lines += _per_session_said(results)
+    lines += per_session_said(results)
 
     pduet = paper.get("duet") or {}
     table2 = [n for n in pduet if n in methods]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from stablesynth.evaluation.report import _pct, session_costs, verdicts
+from stablesynth.evaluation.report import _pct, per_session_said, verdicts
 
 GROUPS: tuple[str, ...] = ("seen", "unseen")
 
@@ -19,8 +19,7 @@ def _said(task: dict[str, Any], metric: str, per_session: bool = False) -> list[
     said = verdicts(view, metric)
     out = ["", "What the numbers say:", ""] + [f"- {v}" for v in said] if said else []
     if per_session:
-        said = verdicts(view, metric, mode="per_session") + session_costs(view, metric)
-        out += ["", "Per session:", ""] + [f"- {v}" for v in said] if said else []
+        out += per_session_said(view, metric, "Per session:")
     return out
 
 
