@@ -58,6 +58,14 @@ def test_expanding_into_given_tensors_gives_the_same_bits(generator: str) -> Non
         into = gen.expand(factors, out=out)
     for name in ("weight", "bias"):
         assert into[name] is out[name] and torch.equal(into[name], plain[name])
+    forms = gen.scaled_bases(factors)
+    for name, (base, row, col) in forms.items():  # what an encoder writes itself, it leaves out of ``out``
+        assert torch.equal((base * row.unsqueeze(-1)) * col.unsqueeze(1), plain[name])
+        rest = {"bias": torch.full((3, 9), float("nan"))}
+        with torch.inference_mode():
+            assert set(gen.expand(factors, out=rest)) == {"bias"}
+        assert torch.equal(rest["bias"], plain["bias"])
+    assert set(forms) == ({"weight"} if generator == "film" else set())
 
 
 @pytest.mark.parametrize("encoding", protocol.PARAM_ENCODINGS)
@@ -90,6 +98,43 @@ def test_a_bound_given_beforehand_changes_no_byte(encoding: str) -> None:
     for bounds in ([1e3] * 3, [1e5] * 3, [1e3, float("nan"), 1e3]):
         frames = writer.write_into({"weight": (7, 5), "bias": (7,)}, fill, 3, np.array(bounds))
         assert [bytes(f) for f in frames] == plain
+
+
+def _scaled_case(seed: int, rows: int = 9, cols: int = 6, n: int = 4) -> tuple[np.ndarray, ...]:
+    rng = np.random.default_rng(seed)
+    base = (rng.standard_normal((rows, cols)) * np.logspace(-3, 2, rows)[:, None]).astype(np.float32)
+    row = (1 + rng.standard_normal((n, rows)) * 0.3).astype(np.float32)
+    col = (1 + rng.standard_normal((n, cols)) * 0.3).astype(np.float32)
+    return base, row, col
+
+
+@pytest.mark.parametrize("encoding", protocol.PARAM_ENCODINGS)
+@pytest.mark.parametrize("case", ["usual", "zero row", "beyond fp16", "nan"])
+def test_the_one_pass_kernels_write_the_bytes_of_the_plain_computation(encoding: str, case: str) -> None:
+    base, row, col = _scaled_case(7)
+    if case == "zero row":  # an int8 scale of 0: the group is quantised the plain way
+        row[2, 4] = 0.0
+    elif case == "beyond fp16":
+        base[1, 1] = 1e6
+    elif case == "nan":
+        col[3, 2] = np.nan
+    weight = (torch.from_numpy(base) * torch.from_numpy(row).unsqueeze(-1)) * torch.from_numpy(col).unsqueeze(1)
+    bias = torch.from_numpy(row).clone()
+    shapes = {"weight": tuple(base.shape), "bias": (base.shape[0],)}
+    writer = FrameWriter(encoding, "m", "v")
+    plain = writer.write_into(shapes, lambda out: [t.copy_({"weight": weight, "bias": bias}[k])
+                                                   for k, t in out.items()], 4)
+    bounds = weight.abs().flatten(1).amax(1).double().numpy() * 1.01
+    for given in (None, bounds):
+        asked: list[str] = []
+        fast = writer.write_into(shapes, lambda out, asked=asked: [asked.append(k) or t.copy_(bias)
+                                                                   for k, t in out.items()],
+                                 4, given, {"weight": (base, row, col)})
+        assert asked == ["bias"]  # the weight was written by the kernel, not asked of fill
+        assert [bytes(f) if isinstance(f, memoryview) else str(f) for f in fast] == \
+            [bytes(f) if isinstance(f, memoryview) else str(f) for f in plain]
+    assert sum(isinstance(f, ValueError) for f in plain) == \
+        {"usual": 0, "zero row": 0, "beyond fp16": 4 * (encoding == "fp16"), "nan": 1}[case]
 
 
 def test_a_bound_beyond_fp16s_range_keeps_its_check() -> None:

@@ -97,6 +97,15 @@ class Generator(nn.Module):
         """
         return None
 
+    def scaled_bases(self, factors: Mapping[str, torch.Tensor]) -> dict[str, tuple[torch.Tensor, ...]]:
+        """The outputs of the form ``base ⊙ row colᵀ``: ``{name: (base [r, c], row [B, r], col [B, c])}``,
+        each value computed by :meth:`expand` as ``(base[i, j] · row[i]) · col[j]`` in float32.
+
+        An encoder may write these outputs itself in one pass (serving/kernels.py) and ask
+        :meth:`expand` for the others only, by leaving them out of ``out``. None by default.
+        """
+        return {}
+
     def _abs_max(self, name: str) -> float:
         """max |base parameter ``name``|, remembered until it changes: a pass over W0 costs as much
         as the checks a bound saves (in-place updates bump ``_version``; a new tensor has a new address)."""
@@ -318,11 +327,16 @@ class FiLMGenerator(Generator):
             weight = self.W0 * g_row.unsqueeze(-1) * g_col.unsqueeze(1)
             bias = self.b0 * g_row + factors["row_shift"]
             return {self.weight_spec.name: weight, self.bias_spec.name: bias}
-        # The same operations in the same order (so the same bits), without a temporary of Θ_d's size.
-        weight, bias = out[self.weight_spec.name], out[self.bias_spec.name]
-        torch.mul(self.W0, g_row.unsqueeze(-1), out=weight).mul_(g_col.unsqueeze(1))
+        # The same operations in the same order (so the same bits), without a temporary of Θ_d's size;
+        # a weight left out of ``out`` is written by whoever took it from scaled_bases().
+        weight, bias = out.get(self.weight_spec.name), out[self.bias_spec.name]
+        if weight is not None:
+            torch.mul(self.W0, g_row.unsqueeze(-1), out=weight).mul_(g_col.unsqueeze(1))
         torch.mul(self.b0, g_row, out=bias).add_(factors["row_shift"])
-        return {self.weight_spec.name: weight, self.bias_spec.name: bias}
+        return dict(out)
+
+    def scaled_bases(self, factors: Mapping[str, torch.Tensor]) -> dict[str, tuple[torch.Tensor, ...]]:
+        return {self.weight_spec.name: (self.W0.detach(), 1.0 + factors["row_scale"], 1.0 + factors["col_scale"])}
 
     def magnitude_bound(self, factors: Mapping[str, torch.Tensor]) -> torch.Tensor | None:
         # |W0 ⊙ g_row g_colᵀ| <= max|W0| max|g_row| max|g_col|; |b0 ⊙ g_row + β| <= max|b0| max|g_row| + max|β|.

@@ -229,6 +229,7 @@ def create_app(models: Mapping[str, CloudModel], token: str | None = None, max_b
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         for b in batchers.values():
             b.start()
+            b.warm_up()
         if freeze_gc:
             _freeze_gc()
         state["ready"] = True

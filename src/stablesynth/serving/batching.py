@@ -22,6 +22,7 @@ from typing import Any
 import torch
 from prometheus_client import Histogram
 
+from stablesynth.models.device import FEATURE_DIM
 from stablesynth.serving.framing import FrameWriter
 from stablesynth.serving.model import CloudModel, Expansion
 
@@ -91,6 +92,14 @@ class Batcher:
     def start(self) -> None:
         self.loop = asyncio.get_running_loop()
         self.closed = False
+
+    def warm_up(self) -> None:
+        """Compute one upload in each encoding whose Θ_d is expanded upload by upload, so that the
+        first request does not wait for the reply path's kernels to compile (or load from disk)."""
+        upload = torch.zeros(FEATURE_DIM)
+        for encoding in self.model.encodings:
+            if self.model.expands_each(encoding):
+                self._frames([upload], encoding)
 
     async def stop(self) -> None:
         self.closed = True
@@ -237,8 +246,9 @@ class Batcher:
                 raise _ExpansionError(exc) from exc
 
         bounds = None if each.bounds is None else each.bounds[lo:hi].numpy()
+        scaled = {name: (base, row[lo:hi], col[lo:hi]) for name, (base, row, col) in each.scaled.items()}
         try:
-            frames = writer.write_into(shapes, fill, hi - lo, bounds)
+            frames = writer.write_into(shapes, fill, hi - lo, bounds, scaled)
         except _ExpansionError as err:
             if hi - lo > 1:  # find the upload that fails; its group-mates still get their frames
                 return [f for i in range(lo, hi) for f in self._group(writer, shapes, each, i, i + 1)]

@@ -51,6 +51,9 @@ from stablesynth.serving.protocol import (
     payload_checksum,
 )
 
+#: A tensor ``base ⊙ row colᵀ`` of a batch: (base [r, c], row [B, r], col [B, c]), float32 arrays.
+ScaledBase = tuple[np.ndarray, np.ndarray, np.ndarray]
+
 
 @dataclass(frozen=True)
 class _Part:
@@ -204,6 +207,30 @@ def _quantise(rows: torch.Tensor, dst: np.ndarray, scratch: bool = False) -> np.
     return scale
 
 
+def _write_form(form: ScaledBase, part: _Part, buf: np.ndarray, start: int, x: torch.Tensor,
+                bound: float) -> bool | np.ndarray:
+    """Write a tensor ``base ⊙ row colᵀ`` into the payloads of ``buf`` at ``start`` in one pass
+    (:mod:`stablesynth.serving.kernels`). Returns True (written; fp32 values are the frames' own,
+    ``x``), the row scales (int8, written), or False: the values were computed into ``x`` instead,
+    for the usual conversion (fp16 values that may be out of its range, int8 rows of unusual scale)."""
+    from stablesynth.serving import kernels  # numba takes a second to import: only where it is used
+
+    base, row, col = form
+    if part.info.dtype == "f32":
+        kernels.scaled_fp32(base, row, col, buf, start)
+        return True
+    if part.info.dtype == "f16" and bound < FP16_MAX:
+        kernels.scaled_fp16(base, row, col, buf, start)
+        return True
+    if part.kind == "int8":
+        scales = np.empty(row.shape, np.float32)
+        if kernels.scaled_int8(base, row, col, buf, start, scales):
+            return scales
+    torch.mul(torch.from_numpy(base), torch.from_numpy(row).unsqueeze(-1), out=x).mul_(
+        torch.from_numpy(col).unsqueeze(1))
+    return False
+
+
 class FrameWriter:
     """Writes frames of one model version in one encoding (and payload checksum)."""
 
@@ -226,7 +253,8 @@ class FrameWriter:
         return self._seal(buf, layout, self._convert(buf, layout, names, values))[0]
 
     def write_into(self, shapes: Mapping[str, tuple[int, ...]], fill: Callable[[dict[str, torch.Tensor]], object],
-                   count: int = 1, bounds: np.ndarray | None = None) -> list[memoryview | ValueError]:
+                   count: int = 1, bounds: np.ndarray | None = None,
+                   scaled: Mapping[str, ScaledBase] | None = None) -> list[memoryview | ValueError]:
         """``count`` frames of tensors that ``fill`` computes into the float32 tensors
         ``{name: [count, *shape]}`` it is given; each frame, or why it cannot be sent.
 
@@ -238,7 +266,12 @@ class FrameWriter:
 
         ``bounds`` (``[count]``, optional): an upper bound on every |value| ``fill`` writes for
         each frame, known beforehand (e.g. from a generator's factors). Where every bound is
-        finite, and for fp16 within its range, the checks such values cannot fail are skipped."""
+        finite, and for fp16 within its range, the checks such values cannot fail are skipped.
+
+        ``scaled`` (optional): tensors of the form ``base ⊙ row colᵀ`` as ``{name: (base [r, c],
+        row [count, r], col [count, c])}`` (float32 numpy arrays), which are written straight into
+        the frames in their encoding (:mod:`stablesynth.serving.kernels`, one pass) and are not
+        asked of ``fill``."""
         names = list(shapes)
         layout = self._layout({n: tuple(shapes[n]) for n in names})
         buf = np.empty((count, layout.size), np.uint8)
@@ -247,11 +280,13 @@ class FrameWriter:
                                        .view("<f4")).view(count, *p.info.shape) for p in layout.parts]
         else:
             values = self._scratch(tuple((count, *shapes[n]) for n in names))
-        fill(dict(zip(names, values)))
+        forms = {n: f for n, f in (scaled or {}).items() if n in shapes and len(shapes[n]) == 2}
+        fill({n: v for n, v in zip(names, values) if n not in forms})
         limit = math.inf
         if bounds is not None and count and len(bounds) == count and bool(np.isfinite(bounds).all()):
             limit = float(bounds.max())
-        return self._seal(buf, layout, self._convert(buf, layout, names, values, in_place=True, bound=limit))
+        return self._seal(buf, layout, self._convert(buf, layout, names, values, in_place=True, bound=limit,
+                                                     forms=forms))
 
     def write_batch(self, tensors: Mapping[str, torch.Tensor | np.ndarray]) -> list[memoryview | ValueError]:
         """One frame (or ``ValueError``) per sample of batched tensors ``{name: [B, *shape]}``.
@@ -291,16 +326,24 @@ class FrameWriter:
         return found
 
     def _convert(self, buf: np.ndarray, layout: _Layout, names: list[str], values: list[torch.Tensor],
-                 in_place: bool = False, bound: float = math.inf) -> list[str | None]:
+                 in_place: bool = False, bound: float = math.inf,
+                 forms: Mapping[str, ScaledBase] | None = None) -> list[str | None]:
         """Write ``[B, *shape]`` tensors into the payloads of ``buf`` (one op per tensor); returns why
         each sample cannot be sent (``None``: it can). ``in_place``: the tensors are scratch, or
         already the frame's payload (:meth:`write_into`). ``bound``: no |value| exceeds it (so
-        a finite bound leaves nothing for the fp32 check to find, one under 65504 nothing for fp16's)."""
+        a finite bound leaves nothing for the fp32 check to find, one under 65504 nothing for fp16's).
+        ``forms``: tensors not computed yet, written here by the kernels (see :meth:`write_into`)."""
         batch = buf.shape[0]
         why: list[str | None] = [None] * batch
+        forms = forms or {}
         for part in layout.parts:
             x, name, info = values[part.source], names[part.source], part.info
             dst = buf[:, layout.start + part.offset:layout.start + part.offset + info.nbytes]
+            form = forms.get(name) if part.kind != "scale" else None
+            written = form is not None and _write_form(form, part, buf, layout.start + part.offset, x, bound)
+            if isinstance(written, np.ndarray):  # the int8 rows, quantised by the kernel, and their scales
+                scale = written
+                continue
             if part.kind == "int8":
                 shape = (batch, math.prod(info.shape[:-1]), info.shape[-1])
                 scale = _quantise(x.reshape(shape), dst.reshape(shape).view(np.int8), scratch=in_place)
@@ -314,7 +357,8 @@ class FrameWriter:
             elif x.numel() and info.dtype == "f16":
                 flat = x.reshape(batch, -1)
                 half = dst.view("<f2")
-                torch.from_numpy(half).copy_(flat)  # PyTorch converts with the CPU's F16C instructions
+                if not written:
+                    torch.from_numpy(half).copy_(flat)  # PyTorch converts with the CPU's F16C instructions
                 if bound < FP16_MAX:
                     continue
                 suspects = _fp16_suspects(half.view(np.int16))

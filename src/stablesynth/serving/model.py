@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from stablesynth import checkpoint
@@ -34,6 +35,10 @@ class Expansion:
 
     expand: Callable[[slice, Outputs | None], Outputs]
     bounds: torch.Tensor | None = None
+    #: Outputs of the form ``base ⊙ row colᵀ`` for the whole batch, as float32 arrays ``{name: (base
+    #: [r, c], row [B, r], col [B, c])}`` (see Generator.scaled_bases); ``expand`` leaves out of ``out``
+    #: whatever is not in it.
+    scaled: Mapping[str, tuple[np.ndarray, np.ndarray, np.ndarray]] = field(default_factory=dict)
 
     def __call__(self, part: slice, out: Outputs | None = None) -> Outputs:
         return self.expand(part, out)
@@ -116,12 +121,14 @@ class CloudModel:
             with torch.inference_mode():
                 factors = gen.factors(self.method.driver(uploads.cpu()))
                 bounds = gen.magnitude_bound(factors)
+                scaled = {name: tuple(np.ascontiguousarray(t.numpy(), np.float32) for t in form)
+                          for name, form in gen.scaled_bases(factors).items()}
 
             def expand(part: slice, out: Outputs | None = None) -> Outputs:
                 with torch.inference_mode():
                     return gen.expand({k: v[part] for k, v in factors.items()}, out=out)
 
-            return Expansion(expand, bounds)
+            return Expansion(expand, bounds, scaled)
         batch = {k: v.to("cpu") for k, v in self.compute_batch(uploads, encoding).items()}
 
         def select(part: slice, out: Outputs | None = None) -> Outputs:
