@@ -306,6 +306,10 @@ class FrameWriter:
         buf = np.empty((batch, layout.size), np.uint8)
         return self._seal(buf, layout, self._convert(buf, layout, names, values))
 
+    def frame_size(self, shapes: Mapping[str, tuple[int, ...]]) -> int:
+        """Bytes of one frame of tensors ``{name: shape}``, header included."""
+        return self._layout(shapes).size
+
     def _layout(self, shapes: Mapping[str, tuple[int, ...]]) -> _Layout:
         """The frame layout of one sample's tensors ``{name: shape}`` (cached by :func:`_layout`)."""
         return _layout(self.encoding, tuple(shapes.items()), self.model_id, self.model_version, self.checksum)
