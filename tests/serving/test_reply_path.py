@@ -16,7 +16,7 @@ import torch
 
 from stablesynth.models.device import ParamSpec
 from stablesynth.models.generators import create_generator
-from stablesynth.serving import batching, crc, framing, protocol
+from stablesynth.serving import batching, crc, framing, kernels, protocol
 from stablesynth.serving.batching import Batcher, OutputError
 from stablesynth.serving.framing import FrameWriter
 from stablesynth.serving.model import Expansion
@@ -135,6 +135,23 @@ def test_the_one_pass_kernels_write_the_bytes_of_the_plain_computation(encoding:
             [bytes(f) if isinstance(f, memoryview) else str(f) for f in plain]
     assert sum(isinstance(f, ValueError) for f in plain) == \
         {"usual": 0, "zero row": 0, "beyond fp16": 4 * (encoding == "fp16"), "nan": 1}[case]
+
+
+@pytest.mark.parametrize("encoding", protocol.PARAM_ENCODINGS)
+def test_where_the_kernels_cannot_run_pytorch_writes_the_same_bytes(encoding: str,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    base, row, col = _scaled_case(8)
+    shapes = {"weight": tuple(base.shape), "bias": (base.shape[0],)}
+    bias = torch.from_numpy(row).clone()
+
+    def frames() -> list[bytes]:
+        return [bytes(f) for f in FrameWriter(encoding, "m", "v").write_into(  # type: ignore[arg-type]
+            shapes, lambda out: [t.copy_(bias) for t in out.values()], 4, None, {"weight": (base, row, col)})]
+
+    fast = frames()
+    monkeypatch.setattr(framing, "_kernels", lambda: None)
+    assert frames() == fast
+    assert kernels.usable()
 
 
 def test_a_bound_beyond_fp16s_range_keeps_its_check() -> None:

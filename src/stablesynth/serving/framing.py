@@ -31,6 +31,7 @@ import threading
 import zlib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -207,22 +208,34 @@ def _quantise(rows: torch.Tensor, dst: np.ndarray, scratch: bool = False) -> np.
     return scale
 
 
+@functools.cache
+def _kernels() -> Any:
+    """The one-pass kernels, or None where they cannot run (then PyTorch computes the values).
+    Imported on first use: numba takes a second to import."""
+    try:
+        from stablesynth.serving import kernels
+    except ImportError:
+        return None
+    return kernels if kernels.usable() else None
+
+
 def _write_form(form: ScaledBase, part: _Part, buf: np.ndarray, start: int, x: torch.Tensor,
                 bound: float) -> bool | np.ndarray:
     """Write a tensor ``base ⊙ row colᵀ`` into the payloads of ``buf`` at ``start`` in one pass
     (:mod:`stablesynth.serving.kernels`). Returns True (written; fp32 values are the frames' own,
     ``x``), the row scales (int8, written), or False: the values were computed into ``x`` instead,
     for the usual conversion (fp16 values that may be out of its range, int8 rows of unusual scale)."""
-    from stablesynth.serving import kernels  # numba takes a second to import: only where it is used
-
     base, row, col = form
-    if part.info.dtype == "f32":
+    kernels = _kernels()
+    if kernels is None:
+        pass
+    elif part.info.dtype == "f32":
         kernels.scaled_fp32(base, row, col, buf, start)
         return True
-    if part.info.dtype == "f16" and bound < FP16_MAX:
+    elif part.info.dtype == "f16" and bound < FP16_MAX:
         kernels.scaled_fp16(base, row, col, buf, start)
         return True
-    if part.kind == "int8":
+    elif part.kind == "int8":
         scales = np.empty(row.shape, np.float32)
         if kernels.scaled_int8(base, row, col, buf, start, scales):
             return scales
