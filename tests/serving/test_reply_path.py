@@ -226,9 +226,11 @@ def test_a_failing_expansion_fails_only_its_own_upload(cloud: CloudModel, monkey
 
 
 def test_each_group_of_frames_is_emitted_when_written(cloud: CloudModel, monkeypatch: pytest.MonkeyPatch) -> None:
-    # Three uploads per group: their int8 frames (the weight written in place) and the bias's scratch.
-    frame = FrameWriter("int8", cloud.model_id, cloud.version).frame_size(cloud.output_shapes("int8"))
-    monkeypatch.setattr(batching, "GROUP_BYTES", 3 * (frame + 4 * 13))
+    # Three uploads per group: their int8 frames (the weight written by the kernel) and the bias's scratch.
+    writer = FrameWriter("int8", cloud.model_id, cloud.version)
+    frame = writer.frame_memory(cloud.output_shapes("int8"), {"weight"})
+    assert frame == writer.frame_memory(cloud.output_shapes("int8")) - 4 * 13 * 96 > 13 * 96
+    monkeypatch.setattr(batching, "GROUP_BYTES", 3 * frame)
     seen: list[tuple[int, int]] = []
     frames = Batcher(cloud, 64, 0.0, None, _Hist())._frames(  # type: ignore[arg-type]
         _ups(7), "int8", lambda start, group: seen.append((start, len(group))))

@@ -12,7 +12,6 @@ import asyncio
 import collections
 import contextlib
 import functools
-import math
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -220,10 +219,7 @@ class Batcher:
 
         shapes = self.model.output_shapes(encoding)
         n = len(uploads)
-        # Memory a group's uploads take: their frames, and the float32 scratch of whatever is not
-        # written straight into them in its encoding (all of it, unless the model gives scaled bases).
-        frame_bytes = writer.frame_size(shapes) + 4 * sum(math.prod(s) for k, s in shapes.items()
-                                                          if k not in each.scaled)
+        frame_bytes = writer.frame_memory(shapes, each.scaled)
         groups = min(n, max(-(-n * frame_bytes // GROUP_BYTES), 2 if self.encoder is not None else 1))
         bounds = [(n * g // groups, n * (g + 1) // groups) for g in range(groups)]
 

@@ -29,7 +29,7 @@ import math
 import sys
 import threading
 import zlib
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -319,9 +319,14 @@ class FrameWriter:
         buf = np.empty((batch, layout.size), np.uint8)
         return self._seal(buf, layout, self._convert(buf, layout, names, values))
 
-    def frame_size(self, shapes: Mapping[str, tuple[int, ...]]) -> int:
-        """Bytes of one frame of tensors ``{name: shape}``, header included."""
-        return self._layout(shapes).size
+    def frame_memory(self, shapes: Mapping[str, tuple[int, ...]], scaled: Collection[str] = ()) -> int:
+        """Bytes :meth:`write_into` holds per frame of tensors ``{name: shape}``: the frame itself,
+        plus the float32 scratch of the tensors it converts (none in fp32, where they are computed in
+        the frame; none for the ``scaled`` ones, which the kernels write in their encoding)."""
+        layout = self._layout(shapes)
+        if layout.direct:
+            return layout.size
+        return layout.size + 4 * sum(math.prod(s) for name, s in shapes.items() if name not in scaled)
 
     def _layout(self, shapes: Mapping[str, tuple[int, ...]]) -> _Layout:
         """The frame layout of one sample's tensors ``{name: shape}`` (cached by :func:`_layout`)."""
