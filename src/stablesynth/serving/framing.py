@@ -123,7 +123,7 @@ def _layout(encoding: str, shapes: tuple[tuple[str, tuple[int, ...]], ...], mode
 
 
 #: Below this scale the reciprocal of a row's int8 scale is not exact enough (or overflows): divide.
-_TINY_SCALE = np.float32(2.0**-100)
+TINY_SCALE = np.float32(2.0**-100)
 #: Tensors of up to this many elements (a bias) are quantised in numpy too (see the note below).
 NUMPY_ELEMENTS = 1 << 14
 #: Shapes (group sizes) whose views of its scratch buffer a thread keeps per writer.
@@ -184,7 +184,7 @@ def _quantise(rows: torch.Tensor, dst: np.ndarray, scratch: bool = False) -> np.
     else:  # two reductions: aminmax along a short last dimension is not vectorised and costs 10x more
         hi, lo = rows.amax(dim=2).numpy(), rows.amin(dim=2).numpy()
     scale = np.maximum(hi, -lo) / np.float32(127)
-    usual = bool(scale.min() >= _TINY_SCALE and np.isfinite(scale.max()))
+    usual = bool(scale.min() >= TINY_SCALE and np.isfinite(scale.max()))
     safe = scale if usual else np.where((scale > 0) & np.isfinite(scale), scale, np.float32(1))
     if not usual and not np.isfinite(scale).all():
         # A sample that will be refused; its batch-mates are still written.
@@ -193,7 +193,7 @@ def _quantise(rows: torch.Tensor, dst: np.ndarray, scratch: bool = False) -> np.
     # x · (1/s) is within 2 ulp of x / s (|q| <= 127: inside the documented bound), and cheaper;
     # |x / s| <= 127 up to that rounding, so no clamp is needed. Tiny (subnormal) scales round
     # coarsely: there divide, and clamp what rounds beyond ±127.
-    divide = not (usual or safe.min() >= _TINY_SCALE)
+    divide = not (usual or safe.min() >= TINY_SCALE)
     factor = (safe if divide else np.reciprocal(safe))[..., None]
     if small:
         q = np.rint(np.divide(x, factor) if divide else np.multiply(x, factor))
@@ -227,18 +227,17 @@ def _write_form(form: ScaledBase, part: _Part, buf: np.ndarray, start: int, x: t
     for the usual conversion (fp16 values that may be out of its range, int8 rows of unusual scale)."""
     base, row, col = form
     kernels = _kernels()
-    if kernels is None:
-        pass
-    elif part.info.dtype == "f32":
-        kernels.scaled_fp32(base, row, col, buf, start)
-        return True
-    elif part.info.dtype == "f16" and bound < FP16_MAX:
-        kernels.scaled_fp16(base, row, col, buf, start)
-        return True
-    elif part.kind == "int8":
-        scales = np.empty(row.shape, np.float32)
-        if kernels.scaled_int8(base, row, col, buf, start, scales):
-            return scales
+    if kernels is not None:
+        if part.info.dtype == "f32":
+            kernels.scaled_fp32(base, row, col, buf, start)
+            return True
+        if part.info.dtype == "f16" and bound < FP16_MAX:
+            kernels.scaled_fp16(base, row, col, buf, start)
+            return True
+        if part.kind == "int8":
+            scales = np.empty(row.shape, np.float32)
+            if kernels.scaled_int8(base, row, col, buf, start, scales):
+                return scales
     torch.mul(torch.from_numpy(base), torch.from_numpy(row).unsqueeze(-1), out=x).mul_(
         torch.from_numpy(col).unsqueeze(1))
     return False

@@ -28,9 +28,9 @@ from llvmlite import ir
 from numba import njit, types
 from numba.extending import intrinsic
 
-#: Below this scale an int8 row is quantised by the caller (framing._TINY_SCALE, the same value).
-TINY_SCALE = np.float32(2.0**-100)
-_SIGN_OFF = np.uint32(0x7FFFFFFF)
+# Below this scale an int8 row is left to the caller, which quantises it the way it always does.
+from stablesynth.serving.framing import TINY_SCALE
+
 _127 = np.float32(127)
 _ONE = np.float32(1)
 _INF = np.float32(np.inf)
@@ -133,6 +133,7 @@ def scaled_int8(base: np.ndarray, row: np.ndarray, col: np.ndarray, buf: np.ndar
             for j in range(c_dim):
                 seg[j] = _round_int8(tmp[j] * factor)
     return usual
+
 
 def usable() -> bool:
     """Compile (or load) every kernel and check it on a tiny input; False where that fails (e.g. a

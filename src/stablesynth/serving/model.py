@@ -21,6 +21,7 @@ from stablesynth.checkpoint import METHOD_KIND, CheckpointError, check_safe_name
 from stablesynth.methods import build_method
 from stablesynth.methods.base import Method
 from stablesynth.methods.baselines import HyperMethod
+from stablesynth.serving.framing import ScaledBase
 from stablesynth.serving.protocol import ENCODINGS, PARAM_ENCODINGS
 
 #: What is sent for uploads: ``{name: [B, *shape]}``.
@@ -38,7 +39,7 @@ class Expansion:
     #: Outputs of the form ``base ⊙ row colᵀ`` for the whole batch, as float32 arrays ``{name: (base
     #: [r, c], row [B, r], col [B, c])}`` (see Generator.scaled_bases); ``expand`` leaves out of ``out``
     #: whatever is not in it.
-    scaled: Mapping[str, tuple[np.ndarray, np.ndarray, np.ndarray]] = field(default_factory=dict)
+    scaled: Mapping[str, ScaledBase] = field(default_factory=dict)
 
     def __call__(self, part: slice, out: Outputs | None = None) -> Outputs:
         return self.expand(part, out)
