@@ -74,6 +74,10 @@ class AttributeHeads(nn.Module):
             self.color = nn.Linear(dim, len(COLORS))
             self.shape = nn.Linear(dim, len(SHAPES))
 
+    def attribute_heads(self) -> tuple[tuple[str, nn.Linear], ...]:
+        """The heads by the name their tensors have under ``aux.`` in the checkpoint."""
+        return ("color", self.color), ("shape", self.shape)
+
     def forward(self, batch: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         f = self.model.clip_features(batch)
         return self.model.classifier(self.model.static(f)), self.color(f), self.shape(f)
@@ -187,8 +191,8 @@ def train_stage1(
             aux = {k[len("aux."):]: v for k, v in tensors.items() if k.startswith("aux.")}
             if not aux:
                 raise CheckpointError(f"checkpoint {ckpt_dir} was trained without stage1.aux_weight")
-            heads.color.load_state_dict({k[len("color."):]: v for k, v in aux.items() if k.startswith("color.")})
-            heads.shape.load_state_dict({k[len("shape."):]: v for k, v in aux.items() if k.startswith("shape.")})
+            for name, part in heads.attribute_heads():
+                part.load_state_dict({k[len(name) + 1:]: v for k, v in aux.items() if k.startswith(name + ".")})
         _load_optimizer(opt, tensors)
         start_epoch = int(manifest["epoch"])
         history = list(manifest.get("history", []))
@@ -264,7 +268,7 @@ def train_stage1(
         if ctx.is_main:
             tensors = {f"model.{k}": v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
             if heads is not None:
-                for name, part in (("color", heads.color), ("shape", heads.shape)):
+                for name, part in heads.attribute_heads():
                     tensors.update({f"aux.{name}.{k}": v.detach().cpu().contiguous()
                                     for k, v in part.state_dict().items()})
             tensors.update(_optimizer_tensors(opt))
