@@ -78,3 +78,33 @@ def tiny_bench() -> DeviceBenchmark:
     return DeviceBenchmark.build(
         BenchmarkConfig(n_devices=3, n_unseen=1, history_per_device=16, realtime_per_device=8, image_size=16)
     )
+
+
+#: Questions of the tiny test bundle's task (the exporter prunes the word table to their tokens).
+TEST_QUESTIONS = ("what color is the shape?", "is there a circle?", "what shape is it?", "is it red?")
+
+
+def _export_test_bundle(cloud: Any, out: Path, int8: bool = False) -> Path:
+    """A real device bundle of ``cloud`` with the tiny ``allinone-test`` encoder (random weights), no parity run."""
+    import torch
+
+    from stablesynth.assets import minilm_dir
+    from stablesynth.cloud.export import export_device_bundle
+    from stablesynth.data.benchmark import FRAME_MEAN, FRAME_STD
+    from stablesynth.models.encoder import create_model
+    from stablesynth.models.global_model import GlobalModel
+
+    torch.manual_seed(0)
+    stage1 = GlobalModel(create_model("allinone-test"), cloud.num_classes).eval()
+    pre = {"image_size": 16, "mean": list(FRAME_MEAN), "std": list(FRAME_STD), "frames_per_clip": 3,
+           "global_frames": 2, "global_sampling": "uniform", "upload_frame": "middle", "max_question_len": 8}
+    tokenizer_json = json.loads((minilm_dir() / "tokenizer.json").read_text(encoding="utf-8"))
+    answers = [f"answer{i}" for i in range(cloud.num_classes)]
+    return export_device_bundle(cloud, stage1, pre, answers, TEST_QUESTIONS, tokenizer_json, out, int8=int8,
+                                encoder_name="allinone-test")
+
+
+@pytest.fixture(scope="session")
+def export_test_bundle() -> Callable[..., Path]:
+    """``export_test_bundle(cloud, out_dir, int8=False)``: a real device bundle with a tiny random encoder."""
+    return _export_test_bundle

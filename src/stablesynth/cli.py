@@ -20,7 +20,7 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 COMMAND_MODULES = (
     "stablesynth.data.commands",
     "stablesynth.experiment.commands",
-    "stablesynth.serving.commands",
+    "stablesynth.cloud.commands",
     "stablesynth.bench.commands",
 )
 

@@ -16,7 +16,7 @@ Rows, all measured in the same run against the same server process:
 - ``in-process``  ``method.adapt()`` called directly, batch 1, one PyTorch thread (no HTTP).
 
 The load comes from separate worker processes on raw keep-alive sockets
-(:mod:`stablesynth.serving.loadgen`), so the client costs far less than the server and the
+(:mod:`stablesynth.cloud.loadgen`), so the client costs far less than the server and the
 rates are the server's. Each HTTP row sends a fixed number of requests at a fixed
 concurrency under a time cap, after a short warm-up; it reports p50/p99 round trip,
 adaptations/s, errors and the CPU use of server and clients (``/proc/<pid>/stat``), with the
@@ -73,9 +73,9 @@ def _worker_cpu_seconds(pid: int) -> float:
 
 def _build_models(checkpoint: Path | None, workdir: Path) -> tuple[list[Path], str, str, Any]:
     """Checkpoints to serve (the model under test, DUET's full generator) and the in-process method."""
+    from stablesynth.cloud.server import load_cloud_model, save_cloud_model
     from stablesynth.methods.base import METHODS
     from stablesynth.methods.config import MethodConfig
-    from stablesynth.serving.server import load_cloud_model, save_cloud_model
 
     if checkpoint is not None:
         main = load_cloud_model(checkpoint)
@@ -144,11 +144,11 @@ COMPACT = ("adapt", "adapt-int8")
 
 def _reply_sizes(method: Any, model_id: str) -> dict[str, int]:
     """Bytes of the fp32/fp16/int8 replies of ``method`` (header included; the version is 12 hex digits)."""
-    from stablesynth.serving import protocol
+    from stablesynth.cloud import framing
 
     with torch.inference_mode():
         params = {k: v[0] for k, v in method.adapt(torch.zeros(1, 192)).items()}
-    return {enc: len(protocol.encode(params, enc, model_id, "0" * 12)) for enc in ("fp32", "fp16", "int8")}
+    return {enc: len(framing.encode(params, enc, model_id, "0" * 12)) for enc in ("fp32", "fp16", "int8")}
 
 
 def run_serve_benchmark(checkpoint: Path | None, out: Path | None, requests: int = 300,
@@ -159,11 +159,11 @@ def run_serve_benchmark(checkpoint: Path | None, out: Path | None, requests: int
     ``clients`` load-generator processes share each row's connections; ``warmup`` requests
     (default ``min(requests, max(50, 4 * concurrency))``) precede each measured row.
     """
-    from stablesynth.serving import protocol
-    from stablesynth.serving.loadgen import LoadGenerator
+    from stablesynth.cloud.loadgen import LoadGenerator
+    from stablesynth_device.wire import uploads
 
     concurrency = concurrency or [1, 8, 64]
-    body = protocol.encode_upload(torch.randn(192, generator=torch.Generator().manual_seed(0)))
+    body = uploads.encode_upload(torch.randn(192, generator=torch.Generator().manual_seed(0)))
     results: dict[str, Any] = {"requests": requests, "concurrency": concurrency, "clients": clients,
                                "time_cap_s": time_cap_s, "rows": []}
     with tempfile.TemporaryDirectory(prefix="stablesynth-bench-") as tmp:
@@ -171,7 +171,7 @@ def run_serve_benchmark(checkpoint: Path | None, out: Path | None, requests: int
         results["num_classes"] = int(method.num_classes) if hasattr(method, "num_classes") else None
         port = _free_port()
         url = f"http://127.0.0.1:{port}"
-        cmd = [sys.executable, "-m", "stablesynth.serving.commands", "serve", "--host", "127.0.0.1",
+        cmd = [sys.executable, "-m", "stablesynth.cloud.commands", "serve", "--host", "127.0.0.1",
                "--port", str(port)]
         for c in ckpts:
             cmd += ["--checkpoint", str(c)]

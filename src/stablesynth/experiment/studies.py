@@ -19,6 +19,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from stablesynth.accelerator import autocast, to_device
+from stablesynth.cloud import framing
 from stablesynth.config import Config
 from stablesynth.data.annotation_records import IGNORE_LABEL
 from stablesynth.data.batch import FeatureBatch
@@ -29,8 +30,8 @@ from stablesynth.evaluation.metrics import accuracy, accuracy_block, accuracy_by
 from stablesynth.evaluation.stats import wilson_interval
 from stablesynth.experiment.workspace import Workspace
 from stablesynth.methods import Method
-from stablesynth.serving import protocol
 from stablesynth.training.stage2 import predict_per_sample
+from stablesynth_device.wire import protocol
 
 
 class OracleConfig(Config):
@@ -79,12 +80,12 @@ def encoding_study(ws: Workspace, method: Method, realtime: FeatureBatch, model_
     out: dict[str, Any] = {}
     n = len(realtime)
     for name, (wire, make) in variants.items():
-        frames = [protocol.encode(make(i), wire, model_id, "study") for i in range(n)]
+        frames = [framing.encode(make(i), wire, model_id, "study") for i in range(n)]
         preds = torch.empty(n, dtype=torch.long)
         t0 = time.perf_counter()
         for i, frame in enumerate(frames):
-            tensors, _ = protocol.decode(frame, expect_model_id=model_id)
-            params = rebuild(name, tensors)
+            arrays, _ = protocol.decode(frame, expect_model_id=model_id)
+            params = rebuild(name, {k: torch.from_numpy(v) for k, v in arrays.items()})
             preds[i] = method.predict(f_g[i:i + 1], params).argmax(-1)[0]
         device_ms = (time.perf_counter() - t0) * 1000 / max(n, 1)
         per_dev = accuracy_by_device(preds, realtime.label, realtime.device)

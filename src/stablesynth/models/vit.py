@@ -258,21 +258,29 @@ class MultimodalEncoder(nn.Module):
     def forward(self, frames: torch.Tensor, input_ids: torch.Tensor,
                 attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         self._check_inputs(frames, input_ids, attention_mask)
+        # An all-ones mask changes nothing; skipping it keeps the CPU's fastest attention, but deciding
+        # that on an accelerator would mean a host read per forward, so there the mask is always built.
+        if attention_mask is not None and frames.device.type == "cpu" and bool(attention_mask.all()):
+            attention_mask = None
+        return self.fuse(frames, input_ids, attention_mask)
+
+    def fuse(self, frames: torch.Tensor, input_ids: torch.Tensor,
+             attention_mask: torch.Tensor | None) -> torch.Tensor:
+        """:meth:`forward` without its input checks, applying ``attention_mask`` whenever one is given.
+
+        This is the graph the ONNX export traces: no value-dependent branch, the mask a real input.
+        """
         B, nF = frames.shape[:2]
         # Text is embedded once per clip and shared by its frames.
         text = self.text_embeddings(input_ids) + self.token_type_embeddings.weight[TEXT_TYPE]
         text = text.repeat_interleave(nF, dim=0)  # [B·F, L, C]
-
         patches = self.patch_embed(frames.flatten(0, 1)) + self.pos_embed[:, 1:]
         temporal = self.temporal_embed[0, :nF].repeat(B, 1).unsqueeze(1)  # [B·F, 1, C], frame f of clip b
         patches = patches + temporal + self.token_type_embeddings.weight[VIDEO_TYPE]
         cls = (self.cls_token + self.pos_embed[:, :1]).expand(B * nF, -1, -1)
         x = self.pos_drop(torch.cat([cls, text, patches], dim=1))
-
         mask = None
-        # An all-ones mask changes nothing; skipping it keeps the CPU's fastest attention, but deciding
-        # that on an accelerator would mean a host read per forward, so there the mask is always built.
-        if attention_mask is not None and (x.device.type != "cpu" or not bool(attention_mask.all())):
+        if attention_mask is not None:
             # Keys only: padded text tokens are never attended to; every query still sees CLS.
             keep_text = attention_mask.bool().repeat_interleave(nF, dim=0)
             ones = torch.ones(B * nF, 1, dtype=torch.bool, device=x.device)

@@ -7,11 +7,6 @@ import json
 import os
 from pathlib import Path
 
-import numpy as np
-import torch
-
-from stablesynth.serving.protocol import ENCODINGS
-
 #: Environment variable holding the bearer token (kept off the command line, where `ps` shows it).
 TOKEN_ENV = "STABLESYNTH_TOKEN"
 
@@ -82,41 +77,39 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                        help="open connections or requests beyond which new requests get 503 (default 1024)")
     serve.set_defaults(func=_serve)
 
-    device = subparsers.add_parser("device", help="device side: export a bundle, predict via a server",
-                                   description="Device-side tools.")
+    device = subparsers.add_parser(
+        "device", help="device side: export a bundle, write a benchmark clip as frames",
+        description="Build what a device runs. The device itself runs `stablesynth-device predict` "
+                    "(the torch-free device package: pip install ./device).")
     dsub = device.add_subparsers(dest="device_command", metavar="COMMAND")
     export = dsub.add_parser(
-        "export", help="write the device bundle of a checkpoint",
-        description="Write a device bundle: ONNX device model (Θ_d as graph inputs), static head, global "
-                    "parameters and generator weights, with a manifest of model id/version and checksums.")
-    export.add_argument("--checkpoint", type=Path, required=True, metavar="DIR")
-    export.add_argument("--out", type=Path, required=True, metavar="DIR")
+        "export", help="write the self-contained device bundle of a method checkpoint",
+        description="Write a device bundle: the run's stage-1 encoder in ONNX (word table pruned to the task's "
+                    "question tokens), the head in ONNX (Θ_d as graph inputs), the tokenizer, preprocessing, "
+                    "answer names, global Θ_d and generator weights, with a manifest of checksums and the parity "
+                    "with PyTorch measured on the run's real-time clips.")
+    export.add_argument("--checkpoint", type=Path, required=True, metavar="DIR",
+                        help="method checkpoint, e.g. runs/demo/methods/stablesynth")
+    export.add_argument("--out", type=Path, required=True, metavar="DIR", help="bundle directory to write")
+    export.add_argument("--run-dir", type=Path, default=None, metavar="DIR",
+                        help="the run whose stage1/ holds the encoder (default: two levels above --checkpoint)")
+    export.add_argument("--int8", action="store_true",
+                        help="also write a dynamically quantised encoder (encoder.int8.onnx) and measure its accuracy")
+    export.add_argument("--no-parity", action="store_true",
+                        help="skip the parity measurement on the real-time clips (the manifest then says so)")
     export.set_defaults(func=_export)
 
-    predict = dsub.add_parser(
-        "predict", help="upload one frame feature, get Θ_d, predict with ONNX Runtime",
-        description="Predict one clip on the device. The upload is one frame of the clip's features; "
-                    "F_g is the mean of the clip's frames. Falls back to cached or global parameters if "
-                    "the server fails, and prints which source was used.")
-    predict.add_argument("--server", required=True, help="base URL, e.g. http://127.0.0.1:8000")
-    predict.add_argument("--bundle", type=Path, required=True, metavar="DIR")
-    src = predict.add_mutually_exclusive_group(required=True)
-    src.add_argument("--feature-file", type=Path, metavar="F",
-                     help=".npy or .json with the clip's per-frame features, shape [N_f, 192] (or [192])")
-    src.add_argument("--clip", type=int, metavar="I",
-                     help="real-time clip I (0-based) of --device in the embedded easy-VQA benchmark: rendered, "
-                          "encoded with --run-dir's stage-1 encoder, its upload frame sent, F_g predicted")
-    predict.add_argument("--run-dir", type=Path, default=Path("runs/demo"), metavar="DIR",
-                         help="with --clip: the demo run whose stage-1 encoder the device uses (default runs/demo)")
-    predict.add_argument("--device", type=int, default=0, help="with --clip: the benchmark device id (default 0)")
-    predict.add_argument("--upload-index", type=int, default=None,
-                         help="which frame to upload (default: 0 for --feature-file, the clip's own for --clip)")
-    predict.add_argument("--encoding", choices=ENCODINGS, default="fp32")
-    predict.add_argument("--timeout", type=float, default=2.0,
-                         help="deadline of the whole exchange in seconds, retries included (default 2)")
-    predict.add_argument("--retries", type=int, default=2)
-    _add_token_arguments(predict, "send 'Authorization: Bearer TOKEN'")
-    predict.set_defaults(func=_predict)
+    clip = dsub.add_parser(
+        "clip", help="write one real-time benchmark clip as PNG frames for stablesynth-device",
+        description="Render real-time clip I of a device of the embedded easy-VQA benchmark as that device "
+                    "captured it, write its frames as PNG files and clip.json (question, true answer, frame "
+                    "choices), and print the stablesynth-device command that predicts it.")
+    clip.add_argument("--run-dir", type=Path, default=Path("runs/demo"), metavar="DIR",
+                      help="the demo run (default runs/demo)")
+    clip.add_argument("--device", type=int, default=0, help="benchmark device id (default 0)")
+    clip.add_argument("--clip", type=int, default=0, metavar="I", help="real-time clip, 0-based (default 0)")
+    clip.add_argument("--out", type=Path, required=True, metavar="DIR", help="folder for the frames")
+    clip.set_defaults(func=_clip)
     device.set_defaults(func=lambda args: device.print_help() or 2)
 
 
@@ -131,8 +124,8 @@ def _resolve_device(spec: str) -> str:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    from stablesynth.serving.limits import ServeLimits
-    from stablesynth.serving.server import ServeSpec, load_models, serve_checkpoints
+    from stablesynth.cloud.limits import ServeLimits
+    from stablesynth.cloud.server import ServeSpec, load_models, serve_checkpoints
 
     limits = ServeLimits(max_header_bytes=args.max_header_bytes, header_timeout=args.header_timeout,
                          body_timeout=args.body_timeout, send_timeout=args.send_timeout,
@@ -151,76 +144,60 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 def _export(args: argparse.Namespace) -> int:
-    from stablesynth.serving.client import export_device_bundle
-    from stablesynth.serving.server import load_cloud_model
+    from stablesynth.cloud.clip import RunDirError, load_benchmark, load_encoder
+    from stablesynth.cloud.export import export_device_bundle
+    from stablesynth.cloud.server import load_cloud_model
 
+    run_dir = args.run_dir or args.checkpoint.resolve().parent.parent
+    if not args.checkpoint.is_dir():
+        raise ValueError(f"--checkpoint {args.checkpoint}: not a checkpoint directory")
     model = load_cloud_model(args.checkpoint)
-    out = export_device_bundle(model, args.out)
+    stage1, manifest = load_encoder(run_dir)
+    bench = load_benchmark(run_dir, manifest.get("benchmark"))
+    if bench.num_classes != model.num_classes:
+        raise RunDirError(f"{args.checkpoint} has K={model.num_classes}, the benchmark of {run_dir} "
+                          f"{bench.num_classes}: pass the --run-dir it was trained in")
+    from stablesynth.assets import minilm_dir
+    from stablesynth.data.benchmark import FRAME_MEAN, FRAME_STD
+    from stablesynth.data.clip_loader import make_loader
+
+    cfg = bench.cfg
+    preprocessing = {"image_size": cfg.image_size, "mean": list(FRAME_MEAN), "std": list(FRAME_STD),
+                     "frames_per_clip": cfg.frames_per_clip, "global_frames": cfg.global_frames,
+                     "global_sampling": "uniform", "upload_frame": "middle", "max_question_len": cfg.max_question_len}
+    questions = [q for split in ("train", "test") for q in bench.data.split(split).questions]
+    tokenizer_json = json.loads((minilm_dir() / "tokenizer.json").read_text(encoding="utf-8"))
+    batches = None if args.no_parity else (lambda: make_loader(bench, "realtime", "all", batch_size=64))
+    out = export_device_bundle(model, stage1, preprocessing, bench.answer_names, questions, tokenizer_json, args.out,
+                               batches=batches, int8=args.int8, encoder_name=str(manifest.get("encoder", "")),
+                               progress=lambda msg: print(msg, flush=True))
+    parity = json.loads((out / "manifest.json").read_text())["parity"]
     print(f"device bundle for {model.model_id}@{model.version} (K={model.num_classes}) written to {out}")
+    if parity:
+        line = (f"parity on {parity['clips']} real-time clips: encoder max |ONNX - PyTorch| "
+                f"{parity['encoder_max_abs_diff']:.1e}, answers equal in {100 * parity['answer_agreement']:.2f} %")
+        if "int8" in parity:
+            q = parity["int8"]
+            lo, hi = q["accuracy_change_interval_points"]
+            line += f"; int8 accuracy change {q['accuracy_change_points']:+.2f} pt [{lo:+.2f}, {hi:+.2f}]"
+        print(line)
     return 0
 
 
-def load_frames(path: Path) -> torch.Tensor:
-    """Per-frame features [N_f, 192] from ``.npy`` or ``.json`` (a list, or {"frames": [...]})."""
-    if path.suffix == ".npy":
-        arr = np.load(path, allow_pickle=False)
-    elif path.suffix == ".json":
-        obj = json.loads(path.read_text())
-        arr = np.asarray(obj["frames"] if isinstance(obj, dict) else obj, dtype=np.float32)
-    else:
-        raise ValueError(f"{path}: use a .npy or .json feature file")
-    arr = np.asarray(arr, dtype=np.float32)
-    if arr.ndim == 1:
-        arr = arr[None]
-    if arr.ndim != 2 or arr.shape[1] != 192:
-        raise ValueError(f"{path}: expected features of shape [N_f, 192], got {list(arr.shape)}")
-    return torch.from_numpy(arr)
+def _clip(args: argparse.Namespace) -> int:
+    from stablesynth.cloud.clip import write_clip
 
-
-def _predict(args: argparse.Namespace) -> int:
-    from stablesynth.serving.client import DeviceClient
-
-    clip = None
-    if args.clip is not None:
-        from stablesynth.serving.clip import clip_features
-
-        clip = clip_features(args.run_dir, args.device, args.clip)
-        frames = clip.frames
-        upload_index = clip.upload_index if args.upload_index is None else args.upload_index
-        f_g = clip.f_g
-    else:
-        frames = load_frames(args.feature_file)
-        upload_index = 0 if args.upload_index is None else args.upload_index
-        f_g = frames.mean(0)
-    if not 0 <= upload_index < frames.shape[0]:
-        raise ValueError(f"--upload-index {upload_index} outside the clip's {frames.shape[0]} frames")
-    with DeviceClient(args.server, args.bundle, encoding=args.encoding, timeout=args.timeout,
-                      retries=args.retries, token=resolve_token(args.token, args.token_file)) as client:
-        if clip is not None and client.bundle.num_classes != len(clip.answers):
-            raise ValueError(f"bundle has K={client.bundle.num_classes} but the benchmark has "
-                             f"{len(clip.answers)} answers: export the bundle from this run's checkpoint")
-        logits, res = client.predict(f_g, frames[upload_index])
-    prediction = int(np.argmax(logits[0]))
-    out: dict[str, object] = {"prediction": prediction}
-    if clip is not None:
-        out.update({"answer": clip.answers[prediction], "true_answer": clip.true_answer,
-                    "correct": clip.true_answer is not None and prediction == clip.label,
-                    "question": clip.question, "device": clip.device, "device_seen": clip.seen,
-                    "clip": clip.clip, "upload_index": upload_index, "global_index": clip.global_index})
-    out.update({"source": res.source, "error": res.error, "encoding": args.encoding, "bytes_up": 768,
-                "bytes_down": res.bytes_down, "latency_ms": round(res.latency_ms, 3),
-                "model": f"{client.model_id}@{client.bundle.model_version}"})
-    if clip is not None:
-        ok = "right" if out["correct"] else "wrong"
-        print(f"device {clip.device} clip {clip.clip}: {clip.question!r} -> {out['answer']} "
-              f"(true: {clip.true_answer}, {ok}); Θ_d from {res.source}, {res.bytes_down} B down, "
-              f"{res.latency_ms:.1f} ms")
-    print(json.dumps(out))
+    info = write_clip(args.run_dir, args.device, args.clip, args.out)
+    print(f"device {info['device']} clip {info['clip']}: {info['question']!r} (true answer: {info['true_answer']}); "
+          f"frames in {args.out}")
+    gi = ",".join(str(i) for i in info["global_index"])
+    print(f"stablesynth-device predict --bundle BUNDLE --frames {args.out} --question {json.dumps(info['question'])} "
+          f"--upload-index {info['upload_index']} --global-index {gi} [--server URL | --offline]")
     return 0
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m stablesynth.serving.commands serve|device ...``: the serving commands alone
+    """``python -m stablesynth.cloud.commands serve|device ...``: the serving commands alone
     (a server process that imports nothing of training or evaluation)."""
     from stablesynth.commandline import run_parsed
 

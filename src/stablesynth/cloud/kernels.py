@@ -29,7 +29,7 @@ from numba import njit, types
 from numba.extending import intrinsic
 
 # Below this scale an int8 row is left to the caller, which quantises it the way it always does.
-from stablesynth.serving.framing import TINY_SCALE
+from stablesynth.cloud.framing import TINY_SCALE
 
 _127 = np.float32(127)
 _ONE = np.float32(1)

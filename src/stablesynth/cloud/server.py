@@ -5,9 +5,9 @@ one port (``workers``; the kernel spreads connections, each process batches its 
 requests) or behind any HTTP load balancer. Each process pins PyTorch to ``torch_threads``
 intra-op threads and moves start-up objects out of the garbage collector's way.
 
-The app itself is in :mod:`stablesynth.serving.app`, batching in
-:mod:`stablesynth.serving.batching`, the served model and its checkpoints in
-:mod:`stablesynth.serving.model`, connection limits in :mod:`stablesynth.serving.limits`.
+The app itself is in :mod:`stablesynth.cloud.app`, batching in
+:mod:`stablesynth.cloud.batching`, the served model and its checkpoints in
+:mod:`stablesynth.cloud.model`, connection limits in :mod:`stablesynth.cloud.limits`.
 """
 
 from __future__ import annotations
@@ -25,9 +25,9 @@ from typing import Any
 import torch
 import uvicorn
 
-from stablesynth.serving.app import VERSION_HEADER, create_app
-from stablesynth.serving.limits import GuardedConfig, ServeLimits
-from stablesynth.serving.model import CloudModel, load_cloud_model, save_cloud_model
+from stablesynth.cloud.app import VERSION_HEADER, create_app
+from stablesynth.cloud.limits import GuardedConfig, ServeLimits
+from stablesynth.cloud.model import CloudModel, load_cloud_model, save_cloud_model
 
 __all__ = ["VERSION_HEADER", "CloudModel", "ServeLimits", "ServeSpec", "create_app", "load_cloud_model",
            "load_models", "save_cloud_model", "serve", "serve_checkpoints"]
@@ -147,7 +147,7 @@ def serve_checkpoints(spec: ServeSpec, host: str = "127.0.0.1", port: int = 8000
 
     _raise_fd_limit()
     os.environ[SPEC_ENV] = json.dumps(asdict(spec))  # inherited by the workers, not on any command line
-    config = GuardedConfig("stablesynth.serving.server:app_from_environment", limits=limits, factory=True,
+    config = GuardedConfig("stablesynth.cloud.server:app_from_environment", limits=limits, factory=True,
                            host=host, port=port, workers=workers, log_level="warning", access_log=False)
     sock = config.bind_socket()
     Multiprocess(config, sockets=[sock]).run()

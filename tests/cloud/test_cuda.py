@@ -8,13 +8,14 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import numpy as np
 import pytest
 import torch
 
+from stablesynth.cloud.server import CloudModel, create_app
 from stablesynth.methods.config import MethodConfig
-from stablesynth.serving import protocol
-from stablesynth.serving.client import DeviceClient, export_device_bundle
-from stablesynth.serving.server import CloudModel, create_app
+from stablesynth_device.client import AdaptClient
+from stablesynth_device.wire import protocol
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
 
@@ -48,9 +49,10 @@ def gpu_server(clouds: tuple[CloudModel, CloudModel], live_server: Any, fp32_mat
 
 
 @pytest.fixture(scope="module")
-def bundle(clouds: tuple[CloudModel, CloudModel], tmp_path_factory: pytest.TempPathFactory) -> Path:
+def bundle(clouds: tuple[CloudModel, CloudModel], export_test_bundle: Any,
+           tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The device bundle, exported once from the CPU copy (the same weights as the GPU's)."""
-    return export_device_bundle(clouds[0], tmp_path_factory.mktemp("dev") / "bundle")
+    return export_test_bundle(clouds[0], tmp_path_factory.mktemp("dev") / "bundle")
 
 
 @pytest.mark.parametrize("encoding", protocol.ENCODINGS)
@@ -58,20 +60,21 @@ def test_gpu_replies_equal_cpu_replies(gpu_server: Any, clouds: tuple[CloudModel
                                        tmp_path: Path, encoding: str) -> None:
     on_cpu, _ = clouds
     feature = torch.randn(192, generator=torch.Generator().manual_seed(1))
-    f_g = torch.randn(192, generator=torch.Generator().manual_seed(2))
     with torch.inference_mode():
-        ref = {k: v[0] for k, v in on_cpu.method.adapt(feature[None]).items()}
-    with DeviceClient(gpu_server.url, bundle, encoding=encoding, token=TOKEN, timeout=10,
-                      cache_dir=tmp_path) as client:
-        _, res = client.predict(f_g, feature)
+        ref = {k: v[0].numpy() for k, v in on_cpu.method.adapt(feature[None]).items()}
+    with AdaptClient(gpu_server.url, bundle, encoding=encoding, token=TOKEN, timeout=10,
+                     cache_dir=tmp_path) as client:
+        res = client.adapt(feature.numpy())
     assert res.source == "server" and res.error is None, res.error
+    assert set(res.params) == set(ref)
     for name, want in ref.items():
         got = res.params[name]
-        assert got.device.type == "cpu" and got.dtype == torch.float32
+        assert isinstance(got, np.ndarray) and got.dtype == np.float32 and got.shape == want.shape
         # fp32 on both sides, summed in another order: float noise. A lossy encoding adds its bound twice,
         # since that noise may carry a value across a rounding boundary (one step, not half of one).
-        bound = 1e-5 * (1 + want.abs()) + 2 * protocol.max_error(encoding, want)
-        assert bool(((got - want).abs() <= bound).all()), (name, float((got - want).abs().max()))
+        bound = 1e-5 * (1 + np.abs(want)) + 2 * protocol.max_error(encoding, want)
+        err = np.abs(got - want)
+        assert bool((err <= bound).all()), (name, float(err.max()))
 
 
 def test_concurrent_gpu_requests_are_batched_and_each_answered(gpu_server: Any,
@@ -96,4 +99,4 @@ def test_concurrent_gpu_requests_are_batched_and_each_answered(gpu_server: Any,
     for i, body in enumerate(replies):
         tensors, _ = protocol.decode(body, "easyvqa", "7")
         for name, want in ref.items():
-            assert torch.allclose(tensors[name], want[i], atol=1e-5, rtol=1e-5), (i, name)
+            assert torch.allclose(torch.from_numpy(tensors[name]), want[i], atol=1e-5, rtol=1e-5), (i, name)

@@ -11,10 +11,10 @@ import pytest
 import torch
 import uvicorn
 
+from stablesynth.cloud.limits import GuardedConfig, ServeLimits
+from stablesynth.cloud.server import CloudModel
 from stablesynth.methods.base import METHODS
 from stablesynth.methods.config import MethodConfig
-from stablesynth.serving.limits import GuardedConfig, ServeLimits
-from stablesynth.serving.server import CloudModel
 
 K = 13
 TOKEN = "s3cret"

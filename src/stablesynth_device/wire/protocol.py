@@ -39,7 +39,11 @@ driver     the driver vector d in fp32, exact; the device runs the generator.
 
 Upload (device → cloud): 192 little-endian float32 (768 B) with
 ``Content-Type: application/octet-stream``, or JSON ``{"feature": [192 numbers]}``;
-see :mod:`stablesynth.serving.uploads`.
+see :mod:`stablesynth_device.wire.uploads`.
+
+This module is the wire alone: numpy and the standard library, no PyTorch, nothing of the
+cloud or the device runtime. The cloud writes frames with :mod:`stablesynth.cloud.framing`;
+the device reads them with :func:`decode`.
 """
 
 from __future__ import annotations
@@ -49,28 +53,20 @@ import json
 import math
 import struct
 import zlib
-from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Final, Literal
 
 import numpy as np
-import torch
 
-from stablesynth.serving.crc import crc32
-
-# The upload side lives in uploads.py; its names stay importable from here.
-from stablesynth.serving.uploads import (  # noqa: F401
-    MAX_UPLOAD_ABS,
-    UPLOAD_BYTES,
-    UPLOAD_DIM,
-    UploadError,
-    decode_upload,
-    encode_upload,
-)
+from stablesynth_device.wire.crc import crc32
 
 MAGIC: Final = b"SSYN"
 PROTOCOL_VERSION: Final = 2
 MEDIA_TYPE: Final = "application/vnd.stablesynth"
+#: The request header in which a device names the model version its bundle holds (409 on a mismatch).
+VERSION_HEADER: Final = "X-Model-Version"
+#: The native adapt route; ``{model}`` is the model id, ``?encoding=`` one of :data:`ENCODINGS`.
+ADAPT_PATH: Final = "/v1/models/{model}/adapt"
 #: A header describes a handful of tensors; anything larger is not one of ours.
 MAX_HEADER_BYTES: Final = 64 * 1024
 #: Upper bound on elements per reply (far above 97·K for every preset) so a bad header cannot ask for GBs.
@@ -172,45 +168,6 @@ class Header:
         }, separators=(",", ":"), sort_keys=True).encode("utf-8")
 
 
-# ----------------------------------------------------------------------------- encode
-
-
-def encode_batch(tensors: Mapping[str, torch.Tensor | np.ndarray], encoding: str, model_id: str,
-                 model_version: str, checksum: str = DEFAULT_CHECKSUM) -> list[memoryview | ValueError]:
-    """One frame per sample of batched tensors ``{name: [B, *shape]}``, equal to :func:`encode` of each.
-
-    A sample that cannot be sent (NaN/Inf, beyond the fp16 range) gets its ``ValueError`` in
-    its place instead of failing the others. Each frame is a view of its own buffer (see
-    :mod:`stablesynth.serving.framing`).
-    """
-    from stablesynth.serving.framing import FrameWriter
-
-    return FrameWriter(encoding, model_id, model_version, checksum).write_batch(tensors)
-
-
-def encode_view(tensors: Mapping[str, torch.Tensor | np.ndarray], encoding: str, model_id: str,
-                model_version: str, checksum: str = DEFAULT_CHECKSUM) -> memoryview:
-    """:func:`encode` without the final copy: the frame as a view of the buffer it was built in."""
-    from stablesynth.serving.framing import FrameWriter
-
-    frame = FrameWriter(encoding, model_id, model_version, checksum).write(tensors)
-    if isinstance(frame, ValueError):
-        raise frame
-    return frame
-
-
-def encode(tensors: Mapping[str, torch.Tensor | np.ndarray], encoding: str, model_id: str,
-           model_version: str, checksum: str = DEFAULT_CHECKSUM) -> bytes:
-    """Serialize ``tensors`` (float, any shapes) as one frame in ``encoding``.
-
-    For ``fp32``/``fp16``/``int8`` the tensors are Θ_d (``weight``, ``bias``); for
-    ``factors`` the generator's factors; for ``driver`` ``{"driver": d}``. The
-    latter two always travel as fp32. ``checksum`` names the payload checksum
-    (:data:`CHECKSUMS`).
-    """
-    return bytes(encode_view(tensors, encoding, model_id, model_version, checksum))
-
-
 # ----------------------------------------------------------------------------- decode
 
 
@@ -290,9 +247,9 @@ def decode_header(data: bytes) -> tuple[Header, int]:
         raise BadHeader(f"malformed header ({type(exc).__name__}: {exc})") from None
 
 
-def decode(data: bytes, expect_model_id: str | None = None,
-           expect_version: str | None = None) -> tuple[dict[str, torch.Tensor], Header]:
-    """Verify and decode a frame; returns float32 tensors and the header.
+def decode(data: bytes | bytearray | memoryview, expect_model_id: str | None = None,
+           expect_version: str | None = None) -> tuple[dict[str, np.ndarray], Header]:
+    """Verify and decode a frame; returns float32 arrays (each its own copy) and the header.
 
     For ``fp16``/``int8`` the tensors are de-quantized; for ``factors`` and
     ``driver`` they are what the cloud sent (the caller expands them). Whatever the
@@ -307,8 +264,8 @@ def decode(data: bytes, expect_model_id: str | None = None,
         raise BadHeader(f"malformed frame ({type(exc).__name__}: {exc})") from None
 
 
-def _decode(data: bytes, expect_model_id: str | None,
-            expect_version: str | None) -> tuple[dict[str, torch.Tensor], Header]:
+def _decode(data: bytes | bytearray | memoryview, expect_model_id: str | None,
+            expect_version: str | None) -> tuple[dict[str, np.ndarray], Header]:
     header, offset = decode_header(data)
     if expect_model_id is not None and header.model_id != expect_model_id:
         raise ModelMismatch(f"frame is for model {header.model_id!r}, expected {expect_model_id!r}")
@@ -332,8 +289,8 @@ def _decode(data: bytes, expect_model_id: str | None,
     return _reconstruct(arrays, header), header
 
 
-def _reconstruct(arrays: dict[str, np.ndarray], header: Header) -> dict[str, torch.Tensor]:
-    out: dict[str, torch.Tensor] = {}
+def _reconstruct(arrays: dict[str, np.ndarray], header: Header) -> dict[str, np.ndarray]:
+    out: dict[str, np.ndarray] = {}
     expect = "i8" if header.encoding == "int8" else "f16" if header.encoding == "fp16" else "f32"
     for info in header.tensors:
         if info.name.endswith(_SCALE_SUFFIX):
@@ -354,23 +311,23 @@ def _reconstruct(arrays: dict[str, np.ndarray], header: Header) -> dict[str, tor
         y = np.array(x, dtype=np.float32)
         if not np.isfinite(y).all():
             raise BadHeader(f"tensor {info.name!r} holds NaN or Inf")
-        out[info.name] = torch.from_numpy(y)
+        out[info.name] = y
     return out
 
 
-def max_error(encoding: str, reference: torch.Tensor) -> torch.Tensor:
+def max_error(encoding: str, reference: np.ndarray) -> np.ndarray:
     """Element-wise bound on |decoded − reference| that ``encoding`` guarantees (see module doc)."""
-    ref = reference.detach().float()
+    ref = np.asarray(reference, dtype=np.float32)
     if encoding in ("fp32", "factors", "driver"):
-        return torch.zeros_like(ref)
+        return np.zeros_like(ref)
     if encoding == "fp16":
-        return torch.maximum(ref.abs() * 2.0**-11, torch.full_like(ref, 2.0**-25))
+        return np.maximum(np.abs(ref) * np.float32(2.0**-11), np.float32(2.0**-25))
     if encoding == "int8":
-        rows = ref.reshape(1, -1) if ref.dim() <= 1 else ref.reshape(-1, ref.shape[-1])
-        half_step = rows.abs().amax(dim=1, keepdim=True) / 254.0
+        rows = ref.reshape(1, -1) if ref.ndim <= 1 else ref.reshape(-1, ref.shape[-1])
+        row_max = np.abs(rows).max(axis=1, keepdims=True) if rows.size else np.zeros((rows.shape[0], 1), np.float32)
         # fp32 rounding of x/s, rint and q·s adds a few ulps of the row maximum.
-        bound = half_step * (1 + 1e-5) + rows.abs().amax(dim=1, keepdim=True) * 4 * 2.0**-24
+        bound = row_max / np.float32(254.0) * np.float32(1 + 1e-5) + row_max * np.float32(4 * 2.0**-24)
         # A row of subnormals has a subnormal scale, whose rounding is absolute (2^-149 per unit of q).
-        bound = bound + 128 * 2.0**-149
-        return bound.expand_as(rows).reshape(ref.shape)
+        bound = bound + np.float32(128 * 2.0**-149)
+        return np.broadcast_to(bound, rows.shape).reshape(ref.shape).astype(np.float32)
     raise ValueError(f"unknown encoding {encoding!r}")

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import uvloop
 
-from stablesynth.serving.limits import UnpinnedTransport
+from stablesynth.cloud.limits import UnpinnedTransport
 
 
 @pytest.mark.parametrize("loop_factory", [asyncio.new_event_loop, uvloop.new_event_loop], ids=["asyncio", "uvloop"])

@@ -13,8 +13,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
-from stablesynth.serving import protocol
-from stablesynth.serving.protocol import (
+from stablesynth.cloud import framing
+from stablesynth_device.wire import protocol, uploads
+from stablesynth_device.wire.protocol import (
     PREFIX_BYTES,
     BadHeader,
     BadMagic,
@@ -23,8 +24,8 @@ from stablesynth.serving.protocol import (
     ProtocolError,
     Truncated,
     UnsupportedVersion,
-    UploadError,
 )
+from stablesynth_device.wire.uploads import UploadError
 
 FLOATS = st.floats(-1e4, 1e4, allow_nan=False, allow_infinity=False, width=32)
 SETTINGS = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -41,20 +42,19 @@ def params(draw: st.DrawFn) -> dict[str, np.ndarray]:
 @SETTINGS
 @given(params(), st.sampled_from(protocol.ENCODINGS))
 def test_round_trip_within_stated_error(tensors: dict[str, np.ndarray], encoding: str) -> None:
-    frame = protocol.encode(tensors, encoding, "m", "v1")
+    frame = framing.encode(tensors, encoding, "m", "v1")
     out, header = protocol.decode(frame, "m", "v1")
     assert header.encoding == encoding and header.model_id == "m" and header.model_version == "v1"
     assert set(out) == set(tensors)
     for name, ref in tensors.items():
-        ref_t = torch.from_numpy(ref)
-        assert out[name].dtype == torch.float32 and out[name].shape == ref_t.shape
-        err = (out[name] - ref_t).abs()
-        assert bool((err <= protocol.max_error(encoding, ref_t)).all()), (encoding, name, float(err.max()))
+        assert isinstance(out[name], np.ndarray) and out[name].dtype == np.float32 and out[name].shape == ref.shape
+        err = np.abs(out[name] - ref)
+        assert bool((err <= protocol.max_error(encoding, ref)).all()), (encoding, name, float(err.max()))
 
 
 def _frame() -> bytes:
     g = torch.Generator().manual_seed(0)
-    return protocol.encode({"weight": torch.randn(5, 4, generator=g), "bias": torch.randn(5, generator=g)},
+    return framing.encode({"weight": torch.randn(5, 4, generator=g), "bias": torch.randn(5, generator=g)},
                            "int8", "model-a", "3")
 
 
@@ -111,24 +111,26 @@ def test_consistent_but_lying_header_is_bad_header() -> None:
 
 def test_encode_refuses_nan_and_fp16_overflow() -> None:
     with pytest.raises(ValueError, match="NaN"):
-        protocol.encode({"w": torch.tensor([float("nan")])}, "fp32", "m", "1")
+        framing.encode({"w": torch.tensor([float("nan")])}, "fp32", "m", "1")
     with pytest.raises(ValueError, match="fp16"):
-        protocol.encode({"w": torch.tensor([1e6])}, "fp16", "m", "1")
+        framing.encode({"w": torch.tensor([1e6])}, "fp16", "m", "1")
 
 
 def test_sizes_match_the_paper_fp32_reply() -> None:
     """fp32 Θ_d at K=1501 is 97·1501·4 B = 568.7 KB of payload plus a small header."""
-    frame = protocol.encode({"weight": torch.zeros(1501, 96), "bias": torch.zeros(1501)}, "fp32", "m", "1")
+    frame = framing.encode({"weight": torch.zeros(1501, 96), "bias": torch.zeros(1501)}, "fp32", "m", "1")
     assert 97 * 1501 * 4 < len(frame) < 97 * 1501 * 4 + 512
-    int8 = protocol.encode({"weight": torch.zeros(1501, 96), "bias": torch.zeros(1501)}, "int8", "m", "1")
+    int8 = framing.encode({"weight": torch.zeros(1501, 96), "bias": torch.zeros(1501)}, "int8", "m", "1")
     assert len(int8) < len(frame) / 3.5
 
 
 def test_upload_formats() -> None:
     x = torch.randn(192)
-    assert torch.equal(protocol.decode_upload(protocol.encode_upload(x), "application/octet-stream"), x)
-    body = json.dumps({"feature": x.tolist()}).encode()
-    assert torch.equal(protocol.decode_upload(body, "application/json; charset=utf-8"), x)
+    for got in (uploads.decode_upload(uploads.encode_upload(x), "application/octet-stream"),
+                uploads.decode_upload(uploads.encode_upload(x.numpy()), "application/octet-stream"),
+                uploads.decode_upload(json.dumps({"feature": x.tolist()}).encode(), "application/json; charset=utf-8")):
+        assert isinstance(got, np.ndarray) and got.dtype == np.float32
+        assert torch.equal(torch.from_numpy(got), x)
     cases = [
         (b"\0" * 767, "application/octet-stream", "bad_size"),
         (np.full(192, np.nan, "<f4").tobytes(), "application/octet-stream", "non_finite"),
@@ -140,7 +142,7 @@ def test_upload_formats() -> None:
     ]
     for body, ctype, code in cases:
         with pytest.raises(UploadError) as info:
-            protocol.decode_upload(body, ctype)
+            uploads.decode_upload(body, ctype)
         assert info.value.code == code, (ctype, code, info.value)
 
 
@@ -148,13 +150,13 @@ def test_upload_formats() -> None:
 def test_encode_batch_equals_encode_per_sample(encoding: str) -> None:
     g = torch.Generator().manual_seed(0)
     batch = {"weight": torch.randn(5, 7, 3, generator=g), "bias": torch.randn(5, 7, generator=g)}
-    frames = protocol.encode_batch(batch, encoding, "m", "v1")
+    frames = framing.encode_batch(batch, encoding, "m", "v1")
     assert len(frames) == 5
     for i, frame in enumerate(frames):
         assert isinstance(frame, memoryview)
         one = {k: v[i] for k, v in batch.items()}
-        assert bytes(frame) == protocol.encode(one, encoding, "m", "v1")
-        assert bytes(protocol.encode_view(one, encoding, "m", "v1")) == bytes(frame)
+        assert bytes(frame) == framing.encode(one, encoding, "m", "v1")
+        assert bytes(framing.encode_view(one, encoding, "m", "v1")) == bytes(frame)
         decoded, header = protocol.decode(bytes(frame), "m", "v1")
         assert header.encoding == encoding and set(decoded) == {"weight", "bias"}
 
@@ -163,11 +165,11 @@ def test_encode_batch_equals_encode_per_sample(encoding: str) -> None:
 def test_encode_batch_refuses_only_the_non_finite_sample(encoding: str) -> None:
     batch = {"weight": torch.ones(3, 4, 2), "bias": torch.zeros(3, 4)}
     batch["bias"][1, 2] = float("nan")
-    frames = protocol.encode_batch(batch, encoding, "m", "v1")
+    frames = framing.encode_batch(batch, encoding, "m", "v1")
     assert isinstance(frames[1], ValueError) and "'bias'" in str(frames[1])
     for i in (0, 2):
         decoded, _ = protocol.decode(bytes(frames[i]), "m", "v1")
-        assert torch.equal(decoded["weight"], torch.ones(4, 2))
-    assert protocol.encode_batch({"x": torch.zeros(0, 3)}, "fp32", "m", "v1") == []
+        assert torch.equal(torch.from_numpy(decoded["weight"]), torch.ones(4, 2))
+    assert framing.encode_batch({"x": torch.zeros(0, 3)}, "fp32", "m", "v1") == []
     with pytest.raises(ValueError, match="leading batch"):
-        protocol.encode_batch({"a": torch.zeros(2, 3), "b": torch.zeros(3, 3)}, "fp32", "m", "v1")
+        framing.encode_batch({"a": torch.zeros(2, 3), "b": torch.zeros(3, 3)}, "fp32", "m", "v1")

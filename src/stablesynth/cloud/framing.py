@@ -1,4 +1,4 @@
-"""Writing reply frames (the format is in :mod:`stablesynth.serving.protocol`).
+"""Writing reply frames, the cloud's half of the wire (the format is in :mod:`stablesynth_device.wire.protocol`).
 
 A Θ_d reply at K = 1501 is 582 KB, and every pass over it costs: the server's share of a
 reply is roughly generate, convert, checksum, send. :class:`FrameWriter` therefore writes
@@ -14,7 +14,7 @@ each frame once:
   finite values have a finite sum), the converted bit patterns for fp16 (Inf, NaN and the
   largest magnitude are the highest patterns), the row scales themselves for int8; a bad
   sample gets its ``ValueError`` in its place;
-- the payload checksum is CRC32 by default (:mod:`stablesynth.serving.crc`), computed right
+- the payload checksum is CRC32 by default (:mod:`stablesynth_device.wire.crc`), computed right
   after the payload is written.
 
 Θ_d frames are written a few at a time into one buffer of their own, as ``memoryview``s of it,
@@ -36,7 +36,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from stablesynth.serving.protocol import (
+from stablesynth_device.wire.protocol import (
     _PREFIX,
     _SCALE_SUFFIX,
     CHECKSUMS,
@@ -213,7 +213,7 @@ def _kernels() -> Any:
     """The one-pass kernels, or None where they cannot run (then PyTorch computes the values).
     Imported on first use: numba takes a second to import."""
     try:
-        from stablesynth.serving import kernels
+        from stablesynth.cloud import kernels
     except ImportError:
         return None
     return kernels if kernels.usable() else None
@@ -222,7 +222,7 @@ def _kernels() -> Any:
 def _write_form(form: ScaledBase, part: _Part, buf: np.ndarray, start: int, x: torch.Tensor,
                 bound: float) -> bool | np.ndarray:
     """Write a tensor ``base ⊙ row colᵀ`` into the payloads of ``buf`` at ``start`` in one pass
-    (:mod:`stablesynth.serving.kernels`). Returns True (written; fp32 values are the frames' own,
+    (:mod:`stablesynth.cloud.kernels`). Returns True (written; fp32 values are the frames' own,
     ``x``), the row scales (int8, written), or False: the values were computed into ``x`` instead,
     for the usual conversion (fp16 values that may be out of its range, int8 rows of unusual scale)."""
     base, row, col = form
@@ -282,7 +282,7 @@ class FrameWriter:
 
         ``scaled`` (optional): tensors of the form ``base ⊙ row colᵀ`` as ``{name: (base [r, c],
         row [count, r], col [count, c])}`` (float32 numpy arrays), which are written straight into
-        the frames in their encoding (:mod:`stablesynth.serving.kernels`, one pass) and are not
+        the frames in their encoding (:mod:`stablesynth.cloud.kernels`, one pass) and are not
         asked of ``fill``."""
         names = list(shapes)
         layout = self._layout({n: tuple(shapes[n]) for n in names})
@@ -414,3 +414,34 @@ class FrameWriter:
                               zlib.crc32(frame[PREFIX_BYTES:layout.start]))
             out.append(frame)
         return out
+
+
+def encode_batch(tensors: Mapping[str, torch.Tensor | np.ndarray], encoding: str, model_id: str,
+                 model_version: str, checksum: str = DEFAULT_CHECKSUM) -> list[memoryview | ValueError]:
+    """One frame per sample of batched tensors ``{name: [B, *shape]}``, equal to :func:`encode` of each.
+
+    A sample that cannot be sent (NaN/Inf, beyond the fp16 range) gets its ``ValueError`` in
+    its place instead of failing the others. Each frame is a view of its own buffer.
+    """
+    return FrameWriter(encoding, model_id, model_version, checksum).write_batch(tensors)
+
+
+def encode_view(tensors: Mapping[str, torch.Tensor | np.ndarray], encoding: str, model_id: str,
+                model_version: str, checksum: str = DEFAULT_CHECKSUM) -> memoryview:
+    """:func:`encode` without the final copy: the frame as a view of the buffer it was built in."""
+    frame = FrameWriter(encoding, model_id, model_version, checksum).write(tensors)
+    if isinstance(frame, ValueError):
+        raise frame
+    return frame
+
+
+def encode(tensors: Mapping[str, torch.Tensor | np.ndarray], encoding: str, model_id: str,
+           model_version: str, checksum: str = DEFAULT_CHECKSUM) -> bytes:
+    """Serialize ``tensors`` (float, any shapes) as one frame in ``encoding``.
+
+    For ``fp32``/``fp16``/``int8`` the tensors are Θ_d (``weight``, ``bias``); for
+    ``factors`` the generator's factors; for ``driver`` ``{"driver": d}``. The
+    latter two always travel as fp32. ``checksum`` names the payload checksum
+    (:data:`~stablesynth_device.wire.protocol.CHECKSUMS`).
+    """
+    return bytes(encode_view(tensors, encoding, model_id, model_version, checksum))

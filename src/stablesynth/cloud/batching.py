@@ -21,9 +21,9 @@ from typing import Any
 import torch
 from prometheus_client import Histogram
 
+from stablesynth.cloud.framing import FrameWriter
+from stablesynth.cloud.model import CloudModel, Expansion
 from stablesynth.models.device import FEATURE_DIM
-from stablesynth.serving.framing import FrameWriter
-from stablesynth.serving.model import CloudModel, Expansion
 
 #: Θ_d of this many bytes (fp32) in all is expanded and encoded at once (5 uploads at K = 1501):
 #: together they share PyTorch's cost per operation (see FrameWriter.write_into); 2–4 MB measured

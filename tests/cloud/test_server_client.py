@@ -15,9 +15,12 @@ import pytest
 import torch
 from prometheus_client.parser import text_string_to_metric_families
 
-from stablesynth.serving import protocol
-from stablesynth.serving.client import DeviceClient, export_device_bundle
-from stablesynth.serving.server import CloudModel, create_app, load_cloud_model, save_cloud_model
+from stablesynth.cloud import framing
+from stablesynth.cloud.server import CloudModel, create_app, load_cloud_model, save_cloud_model
+from stablesynth_device.bundle import Bundle
+from stablesynth_device.client import AdaptClient, AdaptResult
+from stablesynth_device.runtime import DeviceRuntime
+from stablesynth_device.wire import protocol, uploads
 
 K = 13  # the conftest's methods
 TOKEN = "s3cret"
@@ -30,8 +33,15 @@ def server(cloud: CloudModel, live_server: Any) -> Iterator[Any]:
 
 
 @pytest.fixture(scope="module")
-def bundle(cloud: CloudModel, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return export_device_bundle(cloud, tmp_path_factory.mktemp("dev") / "bundle")
+def bundle(cloud: CloudModel, tmp_path_factory: pytest.TempPathFactory, export_test_bundle: Any) -> Path:
+    return export_test_bundle(cloud, tmp_path_factory.mktemp("dev") / "bundle")
+
+
+def _predict(client: AdaptClient, f_g: torch.Tensor, feature: torch.Tensor) -> tuple[np.ndarray, AdaptResult]:
+    """What the device does with one clip: adapt from the uploaded frame, then run the ONNX head on F_g."""
+    res = client.adapt(feature.numpy())
+    runtime = DeviceRuntime(client.bundle)
+    return runtime.predict(f_g.numpy(), res.params["weight"], res.params["bias"]), res
 
 
 def _feature(seed: int) -> torch.Tensor:
@@ -50,18 +60,19 @@ def test_round_trip_equals_in_process(server: Any, cloud: CloudModel, bundle: Pa
                                       encoding: str) -> None:
     feature, f_g = _feature(1), _feature(2)
     ref_params, ref_logits = _in_process(cloud, feature, f_g)
-    with DeviceClient(server.url, bundle, encoding=encoding, token=TOKEN, timeout=5,
-                      cache_dir=tmp_path) as client:
-        logits, res = client.predict(f_g, feature)
+    with AdaptClient(server.url, bundle, encoding=encoding, token=TOKEN, timeout=5,
+                     cache_dir=tmp_path) as client:
+        logits, res = _predict(client, f_g, feature)
     assert res.source == "server" and res.error is None, res.error
     for name in ("weight", "bias"):
-        err = (res.params[name] - ref_params[name]).abs()
-        if encoding == "fp32":
-            assert torch.equal(res.params[name], ref_params[name])
-        elif encoding in ("factors", "driver"):
+        ref = ref_params[name].numpy()
+        err = np.abs(res.params[name] - ref)
+        if encoding in ("fp32", "factors"):  # factors: FiLM's expansion is elementwise, in the cloud's order
+            assert np.array_equal(res.params[name], ref)
+        elif encoding == "driver":
             assert float(err.max()) < 1e-5
         else:
-            assert bool((err <= protocol.max_error(encoding, ref_params[name])).all())
+            assert bool((err <= protocol.max_error(encoding, ref)).all())
     tol = {"fp32": 1e-5, "factors": 1e-4, "driver": 1e-4, "fp16": 1e-2, "int8": 5e-2}[encoding]
     np.testing.assert_allclose(logits[0], ref_logits.numpy(), atol=tol)
     assert res.bytes_down > 0
@@ -78,8 +89,8 @@ def test_json_upload_and_accept_negotiation(server: Any, cloud: CloudModel) -> N
     tensors, header = protocol.decode(r.content, "easyvqa", "7")
     assert header.encoding == "fp16" and r.headers["x-encoding"] == "fp16"
     ref, _ = _in_process(cloud, feature, feature)
-    err = (tensors["weight"] - ref["weight"]).abs()
-    assert bool((err <= protocol.max_error("fp16", ref["weight"])).all())
+    err = np.abs(tensors["weight"] - ref["weight"].numpy())
+    assert bool((err <= protocol.max_error("fp16", ref["weight"].numpy())).all())
 
 
 def test_concurrent_requests_are_batched_and_correct(server: Any, cloud: CloudModel) -> None:
@@ -89,7 +100,7 @@ def test_concurrent_requests_are_batched_and_correct(server: Any, cloud: CloudMo
         async with httpx.AsyncClient(base_url=server.url, timeout=10,
                                      headers={"Authorization": f"Bearer {TOKEN}"}) as c:
             return await asyncio.gather(*[
-                c.post("/v1/models/easyvqa/adapt", content=protocol.encode_upload(f),
+                c.post("/v1/models/easyvqa/adapt", content=uploads.encode_upload(f),
                        headers={"Content-Type": "application/octet-stream"}) for f in feats])
 
     replies = asyncio.run(run())
@@ -97,7 +108,7 @@ def test_concurrent_requests_are_batched_and_correct(server: Any, cloud: CloudMo
         assert r.status_code == 200
         got, _ = protocol.decode(r.content, "easyvqa", "7")
         ref, _ = _in_process(cloud, f, f)
-        torch.testing.assert_close(got["weight"], ref["weight"], atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(torch.from_numpy(got["weight"]), ref["weight"], atol=1e-5, rtol=1e-5)
     metrics = httpx.get(f"{server.url}/metrics", timeout=5).text
     fams = {f.name: f for f in text_string_to_metric_families(metrics)}
     batch = {s.name: s.value for s in fams["stablesynth_batch_size"].samples}
@@ -137,7 +148,7 @@ def test_bad_requests_get_documented_errors(server: Any, kwargs: dict, status: i
 
 def test_noop_models_health_openapi(server: Any) -> None:
     x = _feature(5)
-    r = _post(server, protocol.encode_upload(x), path="/v1/noop")
+    r = _post(server, uploads.encode_upload(x), path="/v1/noop")
     assert r.status_code == 200 and np.array_equal(np.frombuffer(r.content, "<f4"), x.numpy())
     auth = {"Authorization": f"Bearer {TOKEN}"}
     models = httpx.get(f"{server.url}/v1/models", headers=auth, timeout=5).json()
@@ -178,9 +189,9 @@ class Misbehaving:
         self.calls += 1
         if self.delay:
             await asyncio.sleep(self.delay)
-        upload = protocol.decode_upload(body, "application/octet-stream")[None]
+        upload = torch.from_numpy(uploads.decode_upload(body, "application/octet-stream"))[None]
         tensors = self.cloud.compute(upload, "fp32")[0]
-        frame = self.mutate(protocol.encode(tensors, "fp32", self.cloud.model_id, self.cloud.version))
+        frame = self.mutate(framing.encode(tensors, "fp32", self.cloud.model_id, self.cloud.version))
         await send({"type": "http.response.start", "status": 200,
                     "headers": [(b"content-type", protocol.MEDIA_TYPE.encode())]})
         await send({"type": "http.response.body", "body": frame})
@@ -195,7 +206,7 @@ def _flip(data: bytes) -> bytes:
 def _other_version(cloud: CloudModel) -> Callable[[bytes], bytes]:
     def mutate(data: bytes) -> bytes:
         tensors, _ = protocol.decode(data)
-        return protocol.encode(tensors, "fp32", cloud.model_id, "8")
+        return framing.encode(tensors, "fp32", cloud.model_id, "8")
     return mutate
 
 
@@ -209,13 +220,14 @@ def test_faulty_server_falls_back(live_server: Any, cloud: CloudModel, bundle: P
                                   mutate: Callable | None, delay: float, expect: str) -> None:
     app = Misbehaving(cloud, mutate or _other_version(cloud), delay)
     feature, f_g = _feature(11), _feature(12)
-    with live_server(app) as srv, DeviceClient(srv.url, bundle, timeout=0.4 if name == "slow" else 3.0, retries=1,
-                                          backoff_s=0.01, cache_dir=tmp_path) as client:
+    with live_server(app) as srv, AdaptClient(srv.url, bundle, timeout=0.4 if name == "slow" else 3.0, retries=1,
+                                              backoff_s=0.01, cache_dir=tmp_path) as client:
         t0 = time.perf_counter()
-        logits, res = client.predict(f_g, feature)
+        res = client.adapt(feature.numpy())
         elapsed = time.perf_counter() - t0
+        logits = DeviceRuntime(client.bundle).predict(f_g.numpy(), res.params["weight"], res.params["bias"])
     assert res.source == "global" and expect in (res.error or ""), res.error
-    assert torch.equal(res.params["weight"], client.bundle.global_params["weight"])
+    assert np.array_equal(res.params["weight"], client.bundle.global_params["weight"])
     assert np.isfinite(logits).all() and logits.shape == (1, K)
     # Retries are bounded: a version mismatch is final, the others get exactly 1 + retries attempts
     # (the slow server's one attempt used up the whole deadline).
@@ -227,18 +239,18 @@ def test_server_stopped_mid_run_uses_cache(live_server: Any, cloud: CloudModel, 
     app = create_app({"easyvqa": cloud})
     srv = live_server(app).__enter__()
     feature, f_g = _feature(21), _feature(22)
-    client = DeviceClient(srv.url, bundle, timeout=1.0, retries=1, backoff_s=0.01, cache_dir=tmp_path)
-    first = client.adapt(feature)
+    client = AdaptClient(srv.url, bundle, timeout=1.0, retries=1, backoff_s=0.01, cache_dir=tmp_path)
+    first = client.adapt(feature.numpy())
     assert first.source == "server"
     srv.stop()
-    logits, second = client.predict(f_g, _feature(23))
+    logits, second = _predict(client, f_g, _feature(23))
     assert second.source == "cache" and "unreachable" in (second.error or "")
     for name in ("weight", "bias"):  # nothing lost: exactly the last good parameters
-        assert torch.equal(second.params[name], first.params[name])
+        assert np.array_equal(second.params[name], first.params[name])
     assert np.isfinite(logits).all()
     # A corrupted cache file is not trusted: the bundle's global parameters take over.
     client.cache_path.write_bytes(b"garbage")
-    third = client.adapt(feature)
+    third = client.adapt(feature.numpy())
     assert third.source == "global" and "cache unreadable" in (third.error or "")
     client.close()
 
@@ -254,21 +266,23 @@ def test_checkpoint_round_trip_serves_same_parameters(method_factory: Any, tmp_p
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
-def test_cli_export_and_predict(live_server: Any, method_factory: Any, tmp_path: Path,
-                                capsys: pytest.CaptureFixture[str]) -> None:
-    from stablesynth.cli import main
+def test_device_cli_predicts_against_a_live_server(live_server: Any, cloud: CloudModel, bundle: Path, tmp_path: Path,
+                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    from stablesynth_device.cli import main
 
-    ckpt = save_cloud_model(tmp_path / "ckpt", method_factory(seed=4), "easyvqa")
-    assert main(["device", "export", "--checkpoint", str(ckpt), "--out", str(tmp_path / "bundle")]) == 0
-    frames = np.random.default_rng(0).standard_normal((3, 192)).astype(np.float32)
+    frames = (np.random.default_rng(0).random((3, 16, 16, 3)) * 255).astype(np.uint8)
     np.save(tmp_path / "clip.npy", frames)
-    with live_server(create_app({"easyvqa": load_cloud_model(ckpt)})) as srv:
+    args = ["predict", "--bundle", str(bundle), "--npy", str(tmp_path / "clip.npy"), "--question", "is it red?",
+            "--json"]
+    with live_server(create_app({"easyvqa": cloud})) as srv:
         capsys.readouterr()
-        assert main(["device", "predict", "--server", srv.url, "--bundle", str(tmp_path / "bundle"),
-                     "--feature-file", str(tmp_path / "clip.npy"), "--encoding", "factors"]) == 0
-    out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    version = load_cloud_model(ckpt).version
-    assert out["source"] == "server" and out["model"] == f"easyvqa@{version}" and 0 <= out["prediction"] < K
+        assert main([*args, "--server", srv.url, "--encoding", "factors"]) == 0
+        out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert out["source"] == "server" and out["error"] is None and out["model"] == "easyvqa@7"
+    assert out["answer"] in Bundle.load(bundle).answers and out["bytes_up"] == 768 and out["bytes_down"] > 0
+    assert main([*args, "--offline"]) == 0  # the last good Θ_d, cached by the call above
+    off = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert off["source"] == "cache" and off["error"] == "offline" and off["answer"] == out["answer"]
 
 
 def test_worker_thread_path_and_gathering_window(live_server: Any, cloud: CloudModel) -> None:
@@ -279,7 +293,7 @@ def test_worker_thread_path_and_gathering_window(live_server: Any, cloud: CloudM
     async def run(url: str) -> list[httpx.Response]:
         async with httpx.AsyncClient(base_url=url, timeout=10) as c:
             return await asyncio.gather(*[
-                c.post("/v1/models/easyvqa/adapt?encoding=factors", content=protocol.encode_upload(f),
+                c.post("/v1/models/easyvqa/adapt?encoding=factors", content=uploads.encode_upload(f),
                        headers={"Content-Type": "application/octet-stream"}) for f in feats])
 
     with live_server(app) as srv:
@@ -291,7 +305,7 @@ def test_worker_thread_path_and_gathering_window(live_server: Any, cloud: CloudM
         with torch.inference_mode():
             ref = cloud.method.generator.factors(cloud.method.driver(f[None]))
         for k, v in ref.items():
-            torch.testing.assert_close(got[k], v[0], atol=1e-6, rtol=1e-6)
+            torch.testing.assert_close(torch.from_numpy(got[k]), v[0], atol=1e-6, rtol=1e-6)
     fams = {f.name: f for f in text_string_to_metric_families(metrics)}
     batch = {s.name: s.value for s in fams["stablesynth_batch_size"].samples}
     assert batch["stablesynth_batch_size_sum"] == len(feats)
@@ -299,11 +313,11 @@ def test_worker_thread_path_and_gathering_window(live_server: Any, cloud: CloudM
 
 
 def test_load_generator_counts_replies_and_errors(server: Any) -> None:
-    from stablesynth.serving.loadgen import LoadGenerator
+    from stablesynth.cloud.loadgen import LoadGenerator
 
     port = int(server.url.rsplit(":", 1)[1])
     auth = {"Authorization": f"Bearer {TOKEN}"}
-    body = protocol.encode_upload(_feature(7))
+    body = uploads.encode_upload(_feature(7))
     with LoadGenerator("127.0.0.1", port, processes=2) as load:
         ok = load.run("/v1/models/easyvqa/adapt?encoding=factors", body, 40, 4, 10.0, headers=auth)
         bad = load.run("/v1/models/nope/adapt", body, 6, 2, 10.0, headers=auth)

@@ -11,7 +11,7 @@ Endpoints (all replies to errors are JSON ``{"error": code, "detail": text}``):
   upload, or N zero bytes (a reply of the same size as an adapt reply).
 - ``GET /v1/models``, ``GET /healthz``, ``GET /readyz``, ``GET /metrics``.
 
-Concurrent ``adapt`` requests are batched per model (:mod:`stablesynth.serving.batching`);
+Concurrent ``adapt`` requests are batched per model (:mod:`stablesynth.cloud.batching`);
 a request whose own output cannot be sent gets a 422 without touching the others.
 """
 
@@ -35,12 +35,11 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, H
 from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from stablesynth.serving import protocol
-from stablesynth.serving.batching import Batcher, OutputError, ShutdownError
-from stablesynth.serving.model import CloudModel
-from stablesynth.serving.protocol import ENCODINGS, MEDIA_TYPE
+from stablesynth.cloud.batching import Batcher, OutputError, ShutdownError
+from stablesynth.cloud.model import CloudModel
+from stablesynth_device.wire import protocol, uploads
+from stablesynth_device.wire.protocol import ENCODINGS, MEDIA_TYPE, VERSION_HEADER
 
-VERSION_HEADER = "X-Model-Version"
 DEFAULT_MAX_BODY = 64 * 1024
 #: Largest reply ``/v1/noop?bytes=N`` sends (above any adapt reply of the presets).
 MAX_NOOP_BYTES = 16 * 1024 * 1024
@@ -152,7 +151,7 @@ _UPLOAD_BODY = {
 }
 _ERR = {"model": ErrorBody}
 _ADAPT_RESPONSES: dict[int | str, dict[str, Any]] = {
-    200: {"description": "One protocol frame (see stablesynth.serving.protocol)",
+    200: {"description": "One protocol frame (see stablesynth_device.wire.protocol)",
           "content": {MEDIA_TYPE: {"schema": {"type": "string", "format": "binary"}}}},
     401: {**_ERR, "description": "Missing or wrong bearer token"},
     404: {**_ERR, "description": "Unknown model"},
@@ -288,8 +287,8 @@ def create_app(models: Mapping[str, CloudModel], token: str | None = None, max_b
                 raise ApiError(413, "too_large", f"body exceeds {max_body_bytes} bytes")
             chunks.append(chunk)
         try:
-            return protocol.decode_upload(b"".join(chunks), request.headers.get("content-type"))
-        except protocol.UploadError as exc:
+            return torch.from_numpy(uploads.decode_upload(b"".join(chunks), request.headers.get("content-type")))
+        except uploads.UploadError as exc:
             status = 415 if exc.code == "unsupported_media_type" else 422
             raise ApiError(status, exc.code, exc.detail) from None
 

@@ -1,9 +1,9 @@
-"""A real clip for the device: one real-time clip of the embedded easy-VQA benchmark, encoded.
+"""A demo run's parts the device side is built from: its stage-1 encoder, its benchmark, its clips.
 
-``stablesynth device predict --clip I --device N --run-dir RUN`` runs what a device would:
-render clip ``I`` of device ``N``'s real-time session, encode every frame with the run's
-stage-1 encoder (the multimodal encoder the device ships with), upload the clip's upload
-frame, and predict on F_g, the mean of its ``global_index`` frames.
+``stablesynth device export`` reads the run's stage-1 encoder and benchmark from here;
+``stablesynth device clip`` renders one real-time clip of the embedded easy-VQA benchmark as the
+device captured it and writes it as image frames, so the demo can be reproduced on the device
+path end to end (``stablesynth-device predict --frames DIR``).
 
 The benchmark is rebuilt from the run's own config (``results.json``) when it has one, else
 from the packaged configs; whichever is used must have the fingerprint the stage-1 checkpoint
@@ -13,7 +13,6 @@ was trained on, so the device never encodes a clip of a different benchmark than
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -22,35 +21,6 @@ import torch
 
 class RunDirError(ValueError):
     """The run directory is missing or does not hold what the device needs."""
-
-
-@dataclass
-class ClipFeatures:
-    """One clip's per-frame features and what is known about it."""
-
-    frames: torch.Tensor  # [N_f, 192] per-frame features F_m
-    upload_index: int
-    global_index: list[int]
-    label: int  # -100 when the answer is outside the vocabulary
-    answers: list[str]
-    question: str
-    device: int
-    clip: int
-    seen: bool
-
-    @property
-    def upload(self) -> torch.Tensor:
-        """The one frame the device uploads (192 floats)."""
-        return self.frames[self.upload_index]
-
-    @property
-    def f_g(self) -> torch.Tensor:
-        """F_g: the mean of the clip's ``global_index`` frames (192 floats)."""
-        return self.frames[self.global_index].mean(0)
-
-    @property
-    def true_answer(self) -> str | None:
-        return self.answers[self.label] if 0 <= self.label < len(self.answers) else None
 
 
 def _candidate_configs(run_dir: Path) -> list[tuple[str, Any]]:
@@ -115,34 +85,44 @@ def load_encoder(run_dir: Path) -> tuple[torch.nn.Module, dict[str, Any]]:
     return model.eval(), manifest
 
 
-def clip_features(run_dir: str | Path, device: int, clip: int) -> ClipFeatures:
-    """Render and encode clip ``clip`` (0-based) of device ``device``'s real-time session."""
-    from stablesynth.data.clip_loader import make_loader
-    from stablesynth.models.global_model import encode_frames
+def write_clip(run_dir: str | Path, device: int, clip: int, out: str | Path) -> dict[str, Any]:
+    """Render clip ``clip`` (0-based) of device ``device``'s real-time session into ``out`` as PNG frames.
+
+    Writes ``frame_00.png`` … and ``clip.json`` (question, true answer, the frames the benchmark
+    averages into F_g and the frame it uploads) and returns what ``clip.json`` holds. PNG keeps
+    8 bits per channel, so the frames differ from the benchmark's float frames by up to 1/510.
+    """
+    from PIL import Image
+
+    from stablesynth.files import atomic_write_text
 
     run = Path(run_dir)
-    if not run.is_dir():
-        raise RunDirError(f"run directory {run} does not exist; run `stablesynth demo --out {run}` first "
-                          "(or pass --run-dir)")
     if not (run / "stage1" / "manifest.json").is_file():
         raise RunDirError(f"{run} has no stage-1 checkpoint (stage1/manifest.json); "
-                          f"run `stablesynth demo --out {run}` first")
-    model, manifest = load_encoder(run)
+                          f"run `stablesynth demo --out {run}` first (or pass --run-dir)")
+    _, manifest = load_encoder(run)
     bench = load_benchmark(run, manifest.get("benchmark"))
     ids = [d.id for d in bench.devices]
     if device not in ids:
         raise ValueError(f"--device {device}: the benchmark has devices {min(ids)}..{max(ids)}")
-    loader = make_loader(bench, "realtime", [device], batch_size=1)
-    ds = loader.dataset
-    if not 0 <= clip < len(ds):
-        raise ValueError(f"--clip {clip}: device {device} has {len(ds)} real-time clips (0..{len(ds) - 1})")
-    batch = loader.collate_fn([ds[clip]])
-    with torch.inference_mode():
-        frames = encode_frames(model.encoder, batch["frames"], batch["input_ids"], batch["attention_mask"])[0]
-    table = bench.splits["realtime"]
-    row = ds[clip]
-    question = bench.data.split("test").questions[int(table.question[row])]
-    return ClipFeatures(frames=frames.clone(), upload_index=int(batch["upload_index"][0]),
-                        global_index=[int(i) for i in batch["global_index"][0]], label=int(batch["label"][0]),
-                        answers=list(bench.answer_names), question=question, device=device, clip=clip,
-                        seen=device in bench.seen_devices)
+    rows = bench.rows("realtime", [device])
+    if not 0 <= clip < len(rows):
+        raise ValueError(f"--clip {clip}: device {device} has {len(rows)} real-time clips (0..{len(rows) - 1})")
+    row = rows[clip : clip + 1]
+    frames = bench.render("realtime", row)[0]  # [N_f, 3, S, S] in [0, 1]
+    table = bench.samples("realtime", [device])
+    label = int(table.label[clip])
+    question = bench.data.split("test").questions[int(bench.splits["realtime"].question[row[0]])]
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out}: exists and is not a directory")
+    out.mkdir(parents=True, exist_ok=True)
+    pixels = (frames.clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
+    for i, px in enumerate(pixels):
+        Image.fromarray(px, "RGB").save(out / f"frame_{i:02d}.png")
+    info = {"question": question, "answers": list(bench.answer_names),
+            "true_answer": bench.answer_names[label] if label >= 0 else None,
+            "device": device, "device_seen": device in bench.seen_devices, "clip": clip,
+            "upload_index": int(table.upload_index[clip]), "global_index": [int(i) for i in table.global_index[clip]]}
+    atomic_write_text(out / "clip.json", json.dumps(info, indent=2) + "\n")
+    return info

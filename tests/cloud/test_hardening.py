@@ -18,10 +18,11 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from stablesynth.checkpoint import CheckpointError
-from stablesynth.serving import protocol
-from stablesynth.serving.client import DeviceClient, export_device_bundle
-from stablesynth.serving.limits import ServeLimits
-from stablesynth.serving.server import CloudModel, create_app, load_cloud_model, save_cloud_model
+from stablesynth.cloud import framing
+from stablesynth.cloud.limits import ServeLimits
+from stablesynth.cloud.server import CloudModel, create_app, load_cloud_model, save_cloud_model
+from stablesynth_device.client import AdaptClient
+from stablesynth_device.wire import protocol
 
 URL = "/v1/models/easyvqa/adapt"
 LIMITS = ServeLimits(max_header_bytes=4096, header_timeout=0.5, body_timeout=0.5, send_timeout=0.5,
@@ -68,7 +69,7 @@ def test_one_unsendable_output_fails_only_its_own_request(cloud: CloudModel) -> 
     """Within one batch, the upload whose output exceeds the fp16 range gets 422, the others their frames."""
     import torch
 
-    from stablesynth.serving.batching import Batcher, OutputError
+    from stablesynth.cloud.batching import Batcher, OutputError
 
     class _Hist:
         def observe(self, _: float) -> None: ...
@@ -228,7 +229,7 @@ def test_load_beyond_the_concurrency_limit_is_shed_with_503(server: Any) -> None
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(data=st.data())
 def test_decoder_raises_only_protocol_errors(data: st.DataObject) -> None:
-    frame = bytearray(protocol.encode({"weight": np.ones((3, 4), np.float32), "bias": np.zeros(3, np.float32)},
+    frame = bytearray(framing.encode({"weight": np.ones((3, 4), np.float32), "bias": np.zeros(3, np.float32)},
                                       data.draw(st.sampled_from(protocol.ENCODINGS[:3])), "m", "v"))
     for _ in range(data.draw(st.integers(1, 4))):
         op = data.draw(st.sampled_from(["flip", "cut", "insert"]))
@@ -313,16 +314,16 @@ def test_a_streamed_reply_left_unread_is_cut_off_while_the_app_still_sends(live_
 
 
 @pytest.fixture(scope="module")
-def bundle(cloud: CloudModel, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return export_device_bundle(cloud, tmp_path_factory.mktemp("dev") / "bundle")
+def bundle(cloud: CloudModel, tmp_path_factory: pytest.TempPathFactory, export_test_bundle: Any) -> Path:
+    return export_test_bundle(cloud, tmp_path_factory.mktemp("dev") / "bundle")
 
 
 @pytest.mark.parametrize(("app", "expect"), [(_Drip(0.3), "deadline"), (_Drip(0.0, 50_000_000), "exceeds the cap")])
 def test_device_deadline_and_reply_cap_then_fallback(live_server: Any, bundle: Path, tmp_path: Path, app: Any,
                                                     expect: str) -> None:
-    with live_server(app) as srv, DeviceClient(srv.url, bundle, timeout=1.0, retries=2, cache_dir=tmp_path) as c:
+    with live_server(app) as srv, AdaptClient(srv.url, bundle, timeout=1.0, retries=2, cache_dir=tmp_path) as c:
         t0 = time.perf_counter()
-        res = c.adapt(_feature(4))
+        res = c.adapt(np.asarray(_feature(4)))
         elapsed = time.perf_counter() - t0
     assert res.source == "global" and expect in (res.error or ""), res.error
     assert elapsed < 1.5
@@ -384,21 +385,21 @@ def test_unsafe_model_id_or_version_refused(cloud: CloudModel) -> None:
 
 
 def test_model_version_identifies_weights_and_device_refuses_others(live_server: Any, method_factory: Any,
-                                                                    tmp_path: Path) -> None:
+                                                                    tmp_path: Path, export_test_bundle: Any) -> None:
     ours = load_cloud_model(save_cloud_model(tmp_path / "a", method_factory(seed=7), "easyvqa"))
     other = load_cloud_model(save_cloud_model(tmp_path / "b", method_factory(seed=8, name="f_hyper"), "easyvqa"))
     again = load_cloud_model(save_cloud_model(tmp_path / "c", ours.method, "easyvqa"))
     assert ours.version != other.version and ours.version == again.version
-    bundle = export_device_bundle(ours, tmp_path / "bundle")
+    bundle = export_test_bundle(ours, tmp_path / "bundle")
     with live_server(create_app({"easyvqa": other})) as srv, \
-            DeviceClient(srv.url, bundle, timeout=5, cache_dir=tmp_path / "cache") as c:
-        res = c.adapt(_feature(9))
+            AdaptClient(srv.url, bundle, timeout=5, cache_dir=tmp_path / "cache") as c:
+        res = c.adapt(np.asarray(_feature(9)))
     assert res.source == "global" and "version_mismatch" in (res.error or "")
     assert "refusing" in (res.error or "")
 
 
 def test_token_from_env_or_file(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    from stablesynth.serving.commands import TOKEN_ENV, resolve_token
+    from stablesynth.cloud.commands import TOKEN_ENV, resolve_token
 
     monkeypatch.setenv(TOKEN_ENV, "from-env")
     assert resolve_token(None, None) == "from-env"

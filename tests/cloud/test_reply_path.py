@@ -14,13 +14,14 @@ import numpy as np
 import pytest
 import torch
 
+from stablesynth.cloud import batching, framing, kernels
+from stablesynth.cloud.batching import Batcher, OutputError
+from stablesynth.cloud.framing import FrameWriter
+from stablesynth.cloud.model import Expansion
+from stablesynth.cloud.server import CloudModel
 from stablesynth.models.device import ParamSpec
 from stablesynth.models.generators import create_generator
-from stablesynth.serving import batching, crc, framing, kernels, protocol
-from stablesynth.serving.batching import Batcher, OutputError
-from stablesynth.serving.framing import FrameWriter
-from stablesynth.serving.model import Expansion
-from stablesynth.serving.server import CloudModel
+from stablesynth_device.wire import crc, protocol
 
 
 class _Hist:
@@ -81,7 +82,7 @@ def test_frames_written_in_place_equal_frames_of_the_tensors(encoding: str) -> N
     for _ in range(2):  # the second time into the same scratch buffer
         frames = writer.write_into({"weight": (7, 5), "bias": (7,)}, fill, 4)
         assert [bytes(f) for f in frames] == \
-            [protocol.encode({k: v[i] for k, v in batch.items()}, encoding, "m", "v") for i in range(4)]
+            [framing.encode({k: v[i] for k, v in batch.items()}, encoding, "m", "v") for i in range(4)]
 
 
 @pytest.mark.parametrize("encoding", protocol.PARAM_ENCODINGS)
@@ -173,7 +174,7 @@ def test_fp16_refuses_exactly_the_values_beyond_its_range() -> None:
                            (1e6, "fp16 range"), (float("inf"), "NaN or Inf"), (float("nan"), "NaN or Inf")]:
         batch = {"weight": torch.ones(3, 4, 2), "bias": torch.zeros(3, 4)}
         batch["weight"][1, 3, 1] = value
-        for frames in (protocol.encode_batch(batch, "fp16", "m", "v"),
+        for frames in (framing.encode_batch(batch, "fp16", "m", "v"),
                        FrameWriter("fp16", "m", "v").write_into(
                            {"weight": (4, 2), "bias": (4,)}, lambda out, b=batch: [t.copy_(b[k]) for k, t in
                                                                                    out.items()], 3)):
@@ -187,8 +188,9 @@ def test_fp16_refuses_exactly_the_values_beyond_its_range() -> None:
 
 def test_finite_fp32_values_whose_sum_overflows_are_sent() -> None:
     big = {"weight": torch.full((6, 3), 3e38), "bias": torch.full((6,), -3e38)}
-    decoded, _ = protocol.decode(protocol.encode(big, "fp32", "m", "v"), "m", "v")
-    assert torch.equal(decoded["weight"], big["weight"]) and torch.equal(decoded["bias"], big["bias"])
+    decoded, _ = protocol.decode(framing.encode(big, "fp32", "m", "v"), "m", "v")
+    assert torch.equal(torch.from_numpy(decoded["weight"]), big["weight"])
+    assert torch.equal(torch.from_numpy(decoded["bias"]), big["bias"])
 
 
 def test_numpy_and_pytorch_quantisation_write_the_same_bytes(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -199,9 +201,9 @@ def test_numpy_and_pytorch_quantisation_write_the_same_bytes(monkeypatch: pytest
     weight[3, 6, 2] = float("nan")  # its sample is refused, the others are not
     batch = {"weight": weight, "bias": torch.randn(4, 30, generator=g)}
     monkeypatch.setattr(framing, "NUMPY_ELEMENTS", 1 << 30)
-    in_numpy = protocol.encode_batch(batch, "int8", "m", "v")
+    in_numpy = framing.encode_batch(batch, "int8", "m", "v")
     monkeypatch.setattr(framing, "NUMPY_ELEMENTS", 0)
-    in_torch = protocol.encode_batch(batch, "int8", "m", "v")
+    in_torch = framing.encode_batch(batch, "int8", "m", "v")
     assert isinstance(in_numpy[3], ValueError) and isinstance(in_torch[3], ValueError)
     assert [bytes(f) for f in in_numpy[:3]] == [bytes(f) for f in in_torch[:3]]  # type: ignore[arg-type]
 
@@ -243,7 +245,7 @@ def test_frames_are_handed_over_group_by_group_to_their_requests(cloud: CloudMod
     """Run off the event loop, as under load: each request gets its own frame, in several groups."""
     monkeypatch.setattr(batching, "GROUP_BYTES", 4 * 97 * 13 * 2)  # two uploads per group
     ups = _ups(9)
-    expected = protocol.encode_batch(cloud.compute_batch(torch.stack(ups), encoding), encoding,
+    expected = framing.encode_batch(cloud.compute_batch(torch.stack(ups), encoding), encoding,
                                      cloud.model_id, cloud.version)
 
     async def run() -> list[Any]:

@@ -16,7 +16,6 @@ import json
 from typing import Any, Final
 
 import numpy as np
-import torch
 
 UPLOAD_DIM: Final = 192
 UPLOAD_BYTES: Final = UPLOAD_DIM * 4
@@ -35,10 +34,10 @@ class UploadError(ValueError):
         self.detail = detail
 
 
-def _to_f32(feature: torch.Tensor | np.ndarray) -> np.ndarray:
-    if isinstance(feature, torch.Tensor):
-        feature = feature.detach().to("cpu", torch.float32).numpy()
-    return np.ascontiguousarray(feature, dtype=np.float32).reshape(-1)
+def _to_f32(feature: Any) -> np.ndarray:
+    # Anything with __array__ (a numpy array, a CPU torch tensor, a list) converts without this
+    # module knowing of torch: the wire imports numpy alone.
+    return np.ascontiguousarray(np.asarray(feature), dtype=np.float32).reshape(-1)
 
 
 def check_feature(x: np.ndarray) -> None:
@@ -51,7 +50,7 @@ def check_feature(x: np.ndarray) -> None:
         raise UploadError("out_of_range", f"feature values must lie within ±{MAX_UPLOAD_ABS:g}")
 
 
-def encode_upload(feature: torch.Tensor | np.ndarray) -> bytes:
+def encode_upload(feature: Any) -> bytes:
     """The device's upload: one 192-float feature as 768 little-endian float32 bytes."""
     x = _to_f32(feature)
     try:
@@ -89,8 +88,8 @@ def _parse_json(body: bytes) -> np.ndarray:
         return np.asarray(feat, dtype=np.float32)
 
 
-def decode_upload(body: bytes, content_type: str | None) -> torch.Tensor:
-    """Parse an upload body into a float32 tensor [192]; raises only :class:`UploadError`."""
+def decode_upload(body: bytes, content_type: str | None) -> np.ndarray:
+    """Parse an upload body into a float32 array [192] (its own copy); raises only :class:`UploadError`."""
     media = (content_type or "application/octet-stream").split(";")[0].strip().lower()
     if media == "application/json":
         x = _parse_json(body)
@@ -103,4 +102,4 @@ def decode_upload(body: bytes, content_type: str | None) -> torch.Tensor:
         raise UploadError("unsupported_media_type",
                           f"Content-Type {media!r}; use application/octet-stream or application/json")
     check_feature(x)
-    return torch.from_numpy(x.copy())
+    return x.copy()

@@ -1,6 +1,6 @@
 """A bounded HTTP/1.1 load generator for the serving benchmark (standard library only).
 
-Each worker is a separate process (``python -m stablesynth.serving.loadgen``) holding
+Each worker is a separate process (``python -m stablesynth.cloud.loadgen``) holding
 keep-alive connections on raw sockets: it sends one request per connection, reads the
 reply by its ``Content-Length``, records the round trip and sends the next, until its
 request budget or the time cap runs out. Nothing heavier than ``socket`` and
@@ -179,7 +179,7 @@ class LoadGenerator:
         env = dict(os.environ)
         src = str(Path(__file__).resolve().parents[2])
         env["PYTHONPATH"] = src + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
-        self.procs = [subprocess.Popen([sys.executable, "-m", "stablesynth.serving.loadgen"], env=env,
+        self.procs = [subprocess.Popen([sys.executable, "-m", "stablesynth.cloud.loadgen"], env=env,
                                        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
                       for _ in range(processes)]
 

@@ -18,11 +18,11 @@ import torch
 
 from stablesynth import checkpoint
 from stablesynth.checkpoint import METHOD_KIND, CheckpointError, check_safe_name
+from stablesynth.cloud.framing import ScaledBase
 from stablesynth.methods import build_method
 from stablesynth.methods.base import Method
 from stablesynth.methods.baselines import HyperMethod
-from stablesynth.serving.framing import ScaledBase
-from stablesynth.serving.protocol import ENCODINGS, PARAM_ENCODINGS
+from stablesynth_device.wire.protocol import ENCODINGS, PARAM_ENCODINGS
 
 #: What is sent for uploads: ``{name: [B, *shape]}``.
 Outputs = Mapping[str, torch.Tensor]
