@@ -67,6 +67,23 @@ def register(sub: argparse._SubParsersAction) -> None:
     add_device_argument(tu)
     tu.set_defaults(func=_tune)
 
+    dv = bsub.add_parser(
+        "device", help="device half: bundle size, encoder/head latency vs PyTorch, RSS, install size, shaped link",
+        description="Measure the device half on this machine, PyTorch eager on the same clips in the same run: "
+                    "bundle sizes, encoder latency (allinone-cpu-stem from the bundle, allinone-ti at the paper's "
+                    "size) at 1 thread and all cores, the head, the device process's peak RSS, the device-only "
+                    "environment's installed size against the full one, int8 accuracy (from the export), and the "
+                    "round trip over a link shaped by tc to Table 5's bandwidths (skipped where not permitted).")
+    dv.add_argument("--bundle", type=Path, required=True, metavar="DIR", help="a bundle exported with --int8")
+    dv.add_argument("--checkpoint", type=Path, default=None, metavar="DIR",
+                    help="the method checkpoint the bundle came from (the stage-1 encoder and the served model)")
+    dv.add_argument("--out", type=Path, default=Path("runs/bench-device"), metavar="DIR")
+    dv.add_argument("--iters", type=int, default=50, help="timed clips per row (default 50)")
+    dv.add_argument("--device-venv", type=Path, default=None, metavar="DIR",
+                    help="an existing device-only environment (default: a fresh one with pip install ./device)")
+    dv.add_argument("--no-ti", action="store_true", help="skip the allinone-ti rows")
+    dv.set_defaults(func=_device)
+
     pay = sub.add_parser(
         "payload", help="bytes up/down and transfer time for the paper's presets (Table 5)",
         description=("For each paper preset: the upload (one 192-float feature) and the download per encoding "
@@ -109,6 +126,18 @@ def _train(args: argparse.Namespace) -> int:
     from stablesynth.bench.train import run_from_args
 
     return run_from_args(args)
+
+
+def _device(args: argparse.Namespace) -> int:
+    from stablesynth.bench.device import run_device_benchmark, summary
+
+    if args.iters < 1:
+        raise ValueError(f"--iters {args.iters}: must be >= 1")
+    res = run_device_benchmark(args.bundle, args.checkpoint, args.out, iters=args.iters,
+                               device_venv=args.device_venv, ti=not args.no_ti)
+    print(summary(res))
+    print(f"wrote {args.out / 'device.json'}")
+    return 0
 
 
 def _payload(args: argparse.Namespace) -> int:
