@@ -104,18 +104,23 @@ def _encoder_rows(encoder_onnx: Path, encoder_int8: Path | None, encoder: torch.
     return rows
 
 
-def _peak_rss(bundle: Path, question: str, frames: np.ndarray, device_cli: list[str]) -> dict[str, Any]:
-    """Peak RSS (MB) of one ``stablesynth-device predict --offline`` process, from wait4's rusage."""
+#: Runs the device CLI, then reports the process's high-water RSS. VmHWM belongs to the address space
+#: exec created, whereas a child's ru_maxrss also counts the parent it was forked from (here, with torch).
+_RSS_WRAPPER = ("import sys\nfrom stablesynth_device.cli import main\nrc = main(sys.argv[1:])\n"
+                "hwm = [l for l in open('/proc/self/status') if l.startswith('VmHWM')][0].split()[1]\n"
+                "print('VMHWM_KB', hwm, file=sys.stderr)\nraise SystemExit(rc)\n")
+
+
+def _peak_rss(bundle: Path, question: str, frames: np.ndarray, python: Path) -> dict[str, Any]:
+    """Peak RSS (MB) of one ``stablesynth-device predict --offline`` in the device environment."""
     with tempfile.TemporaryDirectory() as tmp:
         np.save(Path(tmp) / "clip.npy", frames)
         clip = str(Path(tmp) / "clip.npy")
-        cmd = [*device_cli, "predict", "--bundle", str(bundle), "--npy", clip, "--question", question,
-               "--offline", "--json"]
-        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-        _, status, usage = os.wait4(proc.pid, 0)
-        out = proc.stdout.read().decode() if proc.stdout else ""
-    return {"peak_rss_mb": usage.ru_maxrss / 1024, "exit": os.waitstatus_to_exitcode(status),
-            "answer": json.loads(out)["answer"] if out.strip() else None, "command": " ".join(device_cli)}
+        cmd = [str(python), "-c", _RSS_WRAPPER, "predict", "--bundle", str(bundle), "--npy", clip, "--question", question, "--offline", "--json"]
+        r = subprocess.run(cmd, capture_output=True, text=True)
+    hwm = [line.split()[1] for line in r.stderr.splitlines() if line.startswith("VMHWM_KB")]
+    return {"peak_rss_mb": int(hwm[0]) / 1024 if hwm else None, "exit": r.returncode,
+            "answer": json.loads(r.stdout)["answer"] if r.returncode == 0 else None}
 
 
 def _device_env(path: Path | None) -> tuple[Path, bool]:
@@ -236,8 +241,7 @@ def run_device_benchmark(bundle: Path, checkpoint: Path | None, out: Path, iters
         results["install"]["ratio"] = results["install"]["device_env_bytes"] / results["install"]["full_env_bytes"]
         clip = (np.random.default_rng(0).random((pre.frames_per_clip, pre.image_size, pre.image_size, 3)) * 255
                 ).astype(np.uint8)
-        results["rss"] = _peak_rss(bundle, "what shape is in the image?", clip,
-                                   [str(venv / "bin" / "stablesynth-device")])
+        results["rss"] = _peak_rss(bundle, "what shape is in the image?", clip, venv / "bin" / "python")
         results["round_trip"] = (_shaped_round_trips(checkpoint, bundle, venv / "bin" / "python", requests)
                                  if checkpoint else {"skipped": "no --checkpoint to serve"})
     finally:
