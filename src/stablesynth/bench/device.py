@@ -116,7 +116,8 @@ def _peak_rss(bundle: Path, question: str, frames: np.ndarray, python: Path) -> 
     with tempfile.TemporaryDirectory() as tmp:
         np.save(Path(tmp) / "clip.npy", frames)
         clip = str(Path(tmp) / "clip.npy")
-        cmd = [str(python), "-c", _RSS_WRAPPER, "predict", "--bundle", str(bundle), "--npy", clip, "--question", question, "--offline", "--json"]
+        cmd = [str(python), "-c", _RSS_WRAPPER, "predict", "--bundle", str(bundle), "--npy", clip,
+               "--question", question, "--offline", "--json"]
         r = subprocess.run(cmd, capture_output=True, text=True)
     hwm = [line.split()[1] for line in r.stderr.splitlines() if line.startswith("VMHWM_KB")]
     return {"peak_rss_mb": int(hwm[0]) / 1024 if hwm else None, "exit": r.returncode,
