@@ -44,6 +44,7 @@ from torch import nn
 from stablesynth.cloud.model import CloudModel
 from stablesynth.models.device import StaticHead, dynamic_linear
 from stablesynth_device import bundle as fmt
+from stablesynth_device.frames import MAX_FRAMES
 from stablesynth_device.tensors import write_tensors
 
 #: Largest |ONNX Runtime − PyTorch| allowed on encoder features (fp32; values of order 1) and head logits.
@@ -344,7 +345,9 @@ def export_device_bundle(cloud: CloudModel, stage1: nn.Module, preprocessing: di
             quantise_int8(tmp / fmt.ENCODER, tmp / fmt.ENCODER_INT8)
         export_head_onnx(static, tmp / fmt.HEAD, cloud.num_classes)
         (tmp / fmt.TOKENIZER).write_text(json.dumps(pruned_tokenizer(tokenizer_json, kept)), encoding="utf-8")
-        pre = fmt.Preprocessing.from_dict({**preprocessing, "max_frames": int(encoder.cfg.max_frames)}, "preprocessing")
+        # Each frame is fused with the question on its own (one temporal position), so the encoder's
+        # max_frames does not bound a clip on the device; the device's own reader limit does.
+        pre = fmt.Preprocessing.from_dict({**preprocessing, "max_frames": MAX_FRAMES}, "preprocessing")
         (tmp / fmt.PREPROCESSING).write_text(json.dumps(pre.to_dict(), indent=2) + "\n", encoding="utf-8")
         (tmp / fmt.ANSWERS).write_text(json.dumps(list(answers), indent=0) + "\n", encoding="utf-8")
         meta = {"model_id": cloud.model_id, "model_version": cloud.version}
