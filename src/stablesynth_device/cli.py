@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import sys
 import time
 from pathlib import Path
@@ -21,10 +20,8 @@ from typing import Any
 from stablesynth_device.bundle import Bundle, BundleError
 from stablesynth_device.frames import FrameError
 from stablesynth_device.runtime import InputError
+from stablesynth_device.wire.auth import TOKEN_ENV, resolve_token
 from stablesynth_device.wire.protocol import ENCODINGS
-
-#: Environment variable holding the bearer token (kept off the command line, where `ps` shows it).
-TOKEN_ENV = "STABLESYNTH_TOKEN"
 
 
 def _positive_float(flag: str):
@@ -68,23 +65,6 @@ def _question(text: str) -> str:
     except UnicodeEncodeError:
         raise argparse.ArgumentTypeError("--question: the text is not valid UTF-8") from None
     return text
-
-
-def resolve_token(token: str | None, token_file: Path | None) -> str | None:
-    """The bearer token from --token, else --token-file, else $STABLESYNTH_TOKEN, else None."""
-    if token is not None and token_file is not None:
-        raise ValueError("give --token or --token-file, not both")
-    if token_file is not None:
-        try:
-            lines = token_file.read_text(encoding="utf-8").splitlines()
-        except (OSError, UnicodeDecodeError) as exc:
-            raise ValueError(f"--token-file {token_file}: {exc}") from None
-        token = lines[0].strip() if lines else ""
-    elif token is None:
-        token = os.environ.get(TOKEN_ENV) or None
-    if token is not None and (not token or not token.isascii() or not token.isprintable() or " " in token):
-        raise ValueError("the token must be non-empty printable ASCII without spaces")
-    return token
 
 
 def build_parser() -> argparse.ArgumentParser:

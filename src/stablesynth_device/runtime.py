@@ -13,7 +13,6 @@ device model:
 
 from __future__ import annotations
 
-import time
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -156,14 +155,3 @@ class DeviceRuntime:
 def clip_feature(features: np.ndarray, global_index: Sequence[int]) -> np.ndarray:
     """F_g: the mean of the chosen frames' features (192 floats)."""
     return np.asarray(features, dtype=np.float32)[list(global_index)].mean(axis=0)
-
-
-def timed(fn, *args):
-    """``(fn(*args), milliseconds)``."""
-    t0 = time.perf_counter()
-    out = fn(*args)
-    return out, (time.perf_counter() - t0) * 1e3
-
-
-__all__ = ["DEFAULT_PROVIDERS", "ENCODER", "DeviceRuntime", "InputError", "OnnxModel", "QuestionTokenizer",
-           "clip_feature", "timed"]

@@ -4,11 +4,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 from pathlib import Path
 
-#: Environment variable holding the bearer token (kept off the command line, where `ps` shows it).
-TOKEN_ENV = "STABLESYNTH_TOKEN"
+from stablesynth_device.wire.auth import TOKEN_ENV, resolve_token
 
 
 def _add_token_arguments(parser: argparse.ArgumentParser, what: str) -> None:
@@ -16,23 +14,6 @@ def _add_token_arguments(parser: argparse.ArgumentParser, what: str) -> None:
                         help=f"{what} (visible to every local user in `ps`: prefer --token-file or ${TOKEN_ENV})")
     parser.add_argument("--token-file", type=Path, default=None, metavar="FILE",
                         help=f"read the token from FILE (first line); default: ${TOKEN_ENV} if set")
-
-
-def resolve_token(token: str | None, token_file: Path | None) -> str | None:
-    """The bearer token from --token, else --token-file, else $STABLESYNTH_TOKEN, else None."""
-    if token is not None and token_file is not None:
-        raise ValueError("give --token or --token-file, not both")
-    if token_file is not None:
-        try:
-            lines = token_file.read_text(encoding="utf-8").splitlines()
-        except (OSError, UnicodeDecodeError) as exc:
-            raise ValueError(f"--token-file {token_file}: {exc}") from None
-        token = lines[0].strip() if lines else ""
-    elif token is None:
-        token = os.environ.get(TOKEN_ENV) or None
-    if token is not None and (not token or not token.isascii() or not token.isprintable() or " " in token):
-        raise ValueError("the token must be non-empty printable ASCII without spaces")
-    return token
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
