@@ -13,6 +13,7 @@ from stablesynth.config import ConfigError
 from stablesynth.evaluation.schema import load_results
 from stablesynth.experiment.realdata.config import load_realdata_config
 from stablesynth.experiment.realdata.run import accuracy_table
+from stablesynth.methods import METHODS
 
 COLOURS = {"red": (230, 30, 30), "green": (30, 220, 40), "blue": (30, 40, 230)}
 
@@ -64,8 +65,7 @@ def test_train_writes_valid_results_with_paper_preset_fields(trained):
     _, out = trained
     results = load_results(out / "results.json")
     assert (out / "report.md").is_file()
-    assert set(results["methods"]) == {"f_linear", "fine_tune", "em_prior", "f_hyper", "duet", "stablesynth",
-                                       "stage2_control"}
+    assert set(results["methods"]) == set(METHODS.names())
     bench = results["benchmark"]
     assert bench["num_classes"] == 8 and bench["dataset"] == "msrvtt-qa"
     assert [d["id"] for d in bench["devices"]] == [0, 1]  # the MSRVTT categories

@@ -9,7 +9,10 @@ from stablesynth.models.device import StaticHead
 from stablesynth.registry import UnknownNameError
 
 K = 5
-ALL = sorted(["duet", "em_prior", "f_hyper", "f_linear", "fine_tune", "stablesynth", "stage2_control"])
+ON_DEVICE = ["em_prior", "label_shift", "t3a", "tent_sar"]
+AFTER_STABLESYNTH = [f"stablesynth_then_{n}" for n in ON_DEVICE]
+ALL = sorted(["duet", "f_hyper", "f_linear", "fine_tune", "stablesynth", "stage2_control", *ON_DEVICE,
+              *AFTER_STABLESYNTH])
 
 
 def _batch(n: int = 64, seed: int = 0, frames: int = 6) -> FeatureBatch:
@@ -86,8 +89,11 @@ def test_init_from_head_copies_the_stage1_head():
 
 
 def test_trains_in_stage2_flags():
-    # The stage-1 head as is (Fine-tuning) and re-weighted on the device (em_prior) train nothing in stage 2.
-    assert {n for n in ALL if not METHODS.get(n).trains_in_stage2} == {"fine_tune", "em_prior"}
+    # The stage-1 head as is (Fine-tuning) and corrected on the device train nothing in stage 2; the
+    # combinations reuse StableSynthNet's stage 2 as it is.
+    assert {n for n in ALL if not METHODS.get(n).trains_in_stage2} == {"fine_tune", *ON_DEVICE}
+    assert {n for n in ALL if METHODS.get(n).stage2_of} == set(AFTER_STABLESYNTH)
+    assert [n for n in ALL if METHODS.get(n).proposed] == ["stablesynth"]
     assert not METHODS.get("f_linear").adaptive and METHODS.get("duet").adaptive
 
 
@@ -186,21 +192,29 @@ def test_stage2_control_generates_one_head_for_every_upload():
     assert torch.equal(a["weight"][0], a["weight"][1]) and torch.equal(a["weight"][1], a["weight"][2])
 
 
+def _session(f_g: torch.Tensor) -> FeatureBatch:
+    n = len(f_g)
+    return FeatureBatch(frames=f_g.unsqueeze(1).repeat(1, 3, 1), label=torch.zeros(n, dtype=torch.long),
+                        category=torch.zeros(n, dtype=torch.long), device=torch.zeros(n, dtype=torch.long),
+                        upload_index=torch.zeros(n, dtype=torch.long),
+                        global_index=torch.tensor([[0, 1, 2]]).repeat(n, 1))
+
+
 def test_em_prior_is_causal_and_follows_the_session_prior():
     m = build_method("em_prior", K).eval()
     with torch.no_grad():
         m.weight.zero_()
         m.bias.zero_()
     f_g = torch.randn(6, 192)
-    full = m.predict_stream(f_g)
+    full = m.predict_stream(_session(f_g))
     # Clip t never depends on clips after it.
-    assert torch.allclose(m.predict_stream(f_g[:3]), full[:3])
+    assert torch.allclose(m.predict_stream(_session(f_g[:3])), full[:3])
     # A head that knows nothing answers by the prior: a session whose clips all lean to class 2
     # moves the estimate there, so later clips are predicted as 2 once the prior has moved.
     with torch.no_grad():
         m.bias[2] = 0.5
-        m.prior_strength.fill_(1.0)
-    stream = m.predict_stream(torch.zeros(20, 192)).softmax(-1)[:, 2]
+        m.correction.set_hyper(prior_strength=1.0)
+    stream = m.predict_stream(_session(torch.zeros(20, 192))).softmax(-1)[:, 2]
     assert stream[-1] > stream[0]
 
 
@@ -210,7 +224,8 @@ def test_em_prior_chooses_its_strength_on_validation():
     train = FeatureBatch(frames=torch.randn(40, 3, 192), label=label, category=label, device=torch.zeros(40).long(),
                          upload_index=torch.zeros(40).long(), global_index=torch.tensor([[0, 1, 2]]).repeat(40, 1))
     m.prepare(train, train)
-    assert torch.allclose(m.train_prior, torch.full((K,), 0.2))
-    from stablesynth.methods.em_prior import PRIOR_STRENGTHS
+    assert torch.allclose(m.correction.train_prior, torch.full((K,), 0.2))
+    from stablesynth.methods.corrections import PRIOR_STRENGTHS
 
-    assert float(m.prior_strength) in PRIOR_STRENGTHS
+    assert m.on_device()["hyper"]["prior_strength"] in PRIOR_STRENGTHS
+    assert len(m.on_device()["validation_accuracy"]) == len(PRIOR_STRENGTHS)

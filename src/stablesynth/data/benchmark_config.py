@@ -47,7 +47,7 @@ class BenchmarkConfig(Config):
     skew_over chooses what the per-device Dirichlet(skew_alpha) draw weights.
     """
 
-    seed: int = 0
+    seed: int = Field(0, ge=0)
     n_devices: int = Field(30, ge=1)
     n_unseen: int = Field(6, ge=0)
     history_per_device: int = Field(120, ge=1)

@@ -19,7 +19,9 @@ methods.<name>:
   flops: {benchmark, paper, benchmark_K, paper_K}           cloud step, one upload
   bytes: {up, down{fp32, fp16, int8, factors?, driver?}}
   adapt_ms: {median, p90, repeats}                           upload → device model that predicts
-  device_ms_per_clip?                                        on-device adaptation (em_prior), no upload
+  device_ms_per_clip?                                        on-device adaptation alone (no upload)
+  on_device?: {correction, label, backprop, hyper{}, validation_accuracy{}}   a correction the device runs
+  device_cost?: {ms_per_clip, flops_per_clip, state_bytes, session_clips, backprop}   its cost per clip
   encodings?{<encoding>: {bytes, accuracy, delta_points, device_ms, ...}}   the proposed method only
 oracle: accuracy{per_device, seen, unseen, all}, finetune_seconds{median, per_device}
 payload: rows of the paper presets' payload table

@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 from stablesynth.accelerator import add_device_argument
+from stablesynth.commandline import int_at_least
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -33,9 +34,12 @@ def register(sub: argparse._SubParsersAction) -> None:
                         "sees camera-like captures), aux (stage 1 also learns each scene's colour and shape), quick")
     p.add_argument("--quick", action="store_true", help="a small config for smoke tests (about a minute)")
     p.add_argument("--fresh", action="store_true", help="ignore finished stages in --out and redo everything")
-    p.add_argument("--seed", type=int, default=None, help="override the run seed (benchmark seed unchanged)")
-    p.add_argument("--seeds", type=int, default=1,
-                   help="run the headline over N benchmark seeds (default 1); seed k>0 goes to OUT/seeds/k")
+    p.add_argument("--seed", type=int_at_least("--seed", 0), default=None,
+                   help="override the run seed (benchmark seed unchanged)")
+    p.add_argument("--seeds", type=int_at_least("--seeds", 1), default=1,
+                   help="run everything (QA and --task's caption tasks) over N benchmark seeds, each a new draw of "
+                        "devices, casts and clips and a new training seed (default 1: one draw); seed k>0 goes to "
+                        "OUT/seeds/k and seeds.json gives every figure as its mean and min-max over the seeds")
     p.add_argument("--task", choices=("qa", "mc", "ret", "all"), default=None,
                    help="what to measure: open-ended QA (qa, the default), multiple choice (mc) or retrieval (ret) "
                         "on the clips' captions, or all three in one report; mc and ret share one matching model "

@@ -51,7 +51,7 @@ def all_methods() -> list[str]:
 class RunConfig(Config):
     """Everything one demo run needs; loaded from YAML/TOML and validated."""
 
-    seed: int = 0
+    seed: int = Field(0, ge=0)
     encoder: str = "allinone-cpu"
     encoder_overrides: dict[str, Any] = Field(default_factory=dict)
     benchmark: BenchmarkConfig = Field(default_factory=BenchmarkConfig)

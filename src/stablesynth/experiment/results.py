@@ -51,8 +51,11 @@ def json_safe(obj: Any) -> Any:
 
 def method_entry(method: Method, train_seconds: float) -> dict[str, Any]:
     """The part of ``methods.<name>`` that the method's class says about itself."""
-    return {"label": method.label, "adaptive": bool(method.adaptive), "proposed": bool(method.proposed),
-            "train_seconds": train_seconds, "config": method.cfg.to_dict()}
+    entry = {"label": method.label, "adaptive": bool(method.adaptive), "proposed": bool(method.proposed),
+             "train_seconds": train_seconds, "config": method.cfg.to_dict()}
+    if (on_device := method.on_device()) is not None:
+        entry["on_device"] = on_device
+    return entry
 
 
 def log_accuracy(log: Any, entry: dict[str, Any], extra: str = "") -> None:

@@ -27,26 +27,56 @@ def seed_config(cfg: RunConfig, k: int) -> RunConfig:
     return cfg.replace(seed=cfg.seed + k, benchmark=cfg.benchmark.replace(seed=cfg.benchmark.seed + k))
 
 
-def summarise_seeds(runs: list[dict[str, Any]]) -> dict[str, Any]:
-    """Per method and group: the mean per seed, and the proposed method's pooled paired differences."""
-    ours = proposed_method(runs[0])
-    methods = list(runs[0]["methods"])
-    out: dict[str, Any] = {"n_seeds": len(runs), "seeds": [r["config"]["benchmark"]["seed"] for r in runs],
-                           "proposed": ours, "methods": {}}
-    for name in methods:
-        entry: dict[str, Any] = {"label": runs[0]["methods"][name]["label"]}
+def spread(values: list[float]) -> dict[str, Any]:
+    """Mean, min, max and the 95 % bootstrap interval over seeds of one figure."""
+    return {"per_seed": values, "min": min(values), "max": max(values), "ci": bootstrap_mean_ci(values)}
+
+
+def _summarise_methods(runs: list[dict[str, Any]], methods_of: Callable[[dict[str, Any]], dict[str, Any]],
+                       ours: str | None) -> dict[str, Any]:
+    """Per method and group: its mean per seed with the spread, and ``ours`` − it over every seed's devices."""
+    out: dict[str, Any] = {}
+    names = [n for n in methods_of(runs[0]) if all(n in methods_of(r) for r in runs)]
+    for name in names:
+        entry: dict[str, Any] = {"label": methods_of(runs[0])[name]["label"]}
         for group in ("seen", "unseen"):
-            per_seed = [r["methods"][name]["accuracy"]["per_sample"][group]["mean"] for r in runs]
-            entry[group] = {"per_seed": per_seed, "ci": bootstrap_mean_ci(per_seed)}
-            if ours is not None and name != ours:
+            per_seed = [methods_of(r)[name]["accuracy"]["per_sample"][group]["mean"] for r in runs]
+            entry[group] = spread(per_seed)
+            if ours is not None and ours in names and name != ours:
                 diffs: list[float] = []
                 for r in runs:
                     devices = device_groups(r)[group]
-                    a = r["methods"][ours]["accuracy"]["per_sample"]["per_device"]
-                    b = r["methods"][name]["accuracy"]["per_sample"]["per_device"]
+                    a = methods_of(r)[ours]["accuracy"]["per_sample"]["per_device"]
+                    b = methods_of(r)[name]["accuracy"]["per_sample"]["per_device"]
                     diffs += [a[d] - b[d] for d in devices if d in a and d in b]
                 entry[group]["proposed_minus_this"] = bootstrap_mean_ci(diffs)
-        out["methods"][name] = entry
+        out[name] = entry
+    return out
+
+
+def summarise_seeds(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """The headline of every seed's run: each method's spread over seeds and its pooled paired difference
+    to the proposed method, for open-ended QA and for every caption task; the headroom per seed."""
+    ours = proposed_method(runs[0])
+    out: dict[str, Any] = {"n_seeds": len(runs), "seeds": [r["config"]["benchmark"]["seed"] for r in runs],
+                           "proposed": ours, "methods": _summarise_methods(runs, lambda r: r["methods"], ours)}
+    if all(r.get("informative") for r in runs):
+        inf = [r["informative"] for r in runs]
+        out["headroom"] = {
+            "global_clean": spread([i["global_clean"] for i in inf]),
+            **{f"{k}_{g}": spread([i[f"{k}_{g}"] for i in inf])
+               for k in ("global", "oracle") for g in ("seen", "unseen")},
+            **{f"oracle_minus_global_{g}": spread([i[f"oracle_{g}"] - i[f"global_{g}"] for i in inf])
+               for g in ("seen", "unseen")},
+        }
+        if all(r.get("diagnostics") for r in runs):
+            out["headroom"]["prior_share_unseen"] = spread([
+                (r["diagnostics"]["prior_corrected_unseen"] - r["diagnostics"]["global_unseen"])
+                / max(r["informative"]["oracle_unseen"] - r["informative"]["global_unseen"], 1e-9) for r in runs])
+    tasks = [t for t in (runs[0].get("tasks") or {}) if all(t in (r.get("tasks") or {}) for r in runs)]
+    if tasks:
+        out["tasks"] = {t: {"methods": _summarise_methods(runs, lambda r, t=t: r["tasks"][t]["methods"], ours)}
+                        for t in tasks}
     return out
 
 

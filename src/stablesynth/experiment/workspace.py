@@ -121,12 +121,13 @@ class Workspace:
     def method(self, name: str, num_classes: int | None = None,
                      overrides: dict[str, Any] | None = None) -> Method:
         """The method with this run's config; with ``num_classes=None`` it starts from the stage-1 head."""
-        mcfg = self.method_config(name)
+        cls = self.method_class(name)
+        # A method that reuses another's stage 2 is that method's model: it has that method's config.
+        mcfg = self.method_config(cls.stage2_of or name)
         if overrides:
             mcfg = mcfg.replace(**overrides)
         if mcfg.num_categories is None and mcfg.category != "answer":
             mcfg = mcfg.replace(num_categories=self.num_categories(mcfg.category))
-        cls = self.method_class(name)
         # A method's random initialisation depends on the run seed and its name alone, not on
         # what this process did before (stages trained or reused, other methods trained or
         # loaded): a fresh run and a resumed one then train the same method from the same start.
@@ -160,23 +161,38 @@ class Workspace:
         history = self.feature_key("history", method)
         data = self.data(history, mcfg.category, devices="train")
         validation = self.data(history, mcfg.category, devices="validation") if len(self.validation_ids) else None
-        method.prepare(data, validation)
-        if method.trains_in_stage2:
-            info = train_method(method, data, mcfg.epochs, mcfg.batch_size, mcfg.lr, mcfg.weight_decay,
-                                seed=self.seed, desc=f"stage 2 {name}", device=self.device)
-            method.cpu()
-            train_seconds = info["seconds"]
-            last = info["history"][-1] if info["history"] else {}
-            self.log(f"stage 2 {name}: {info['steps']} steps in {train_seconds:.1f} s; last epoch "
-                     + ", ".join(f"{k} {v:.3f}" for k, v in last.items() if k != "epoch"))
+        if method.stage2_of is not None:
+            # The same trained model (its stage 2 once, reused); only the method's own extra part is fitted.
+            base, train_seconds = self.train_or_load(method.stage2_of)
+            loaded = method.load_state_dict(base.state_dict(), strict=False)
+            if loaded.unexpected_keys:
+                raise CheckpointError(f"{name}: {method.stage2_of}'s state has keys {name} lacks: "
+                                      f"{loaded.unexpected_keys[:3]}")
+            method.prepare(data, validation)
+            self.log(f"stage 2 {name}: {method.stage2_of}'s model, then {method.on_device()['hyper']} "
+                     "(chosen on validation)")
         else:
-            train_seconds = float(self.stage1_info.get("seconds", 0.0))
+            method.prepare(data, validation)
+            train_seconds = self._stage2(name, method, data)
         save_module(ckpt, method, {
             "kind": "method", "method": name, "config": mcfg.to_dict(), "num_classes": self.K,
             "model_id": f"{self.model_prefix}-{name}", "model_version": stage1_sha[:12],
             "stage1_sha256": stage1_sha, "train_seconds": train_seconds, "answers": self.answer_names,
         })
         return method, train_seconds
+
+    def _stage2(self, name: str, method: Method, data: FeatureBatch) -> float:
+        """Train ``method`` on ``data`` (nothing for a method stage 2 leaves as it is); returns its seconds."""
+        if not method.trains_in_stage2:
+            return float(self.stage1_info.get("seconds", 0.0))
+        mcfg = method.cfg
+        info = train_method(method, data, mcfg.epochs, mcfg.batch_size, mcfg.lr, mcfg.weight_decay,
+                            seed=self.seed, desc=f"stage 2 {name}", device=self.device)
+        method.cpu()
+        last = info["history"][-1] if info["history"] else {}
+        self.log(f"stage 2 {name}: {info['steps']} steps in {info['seconds']:.1f} s; last epoch "
+                 + ", ".join(f"{k} {v:.3f}" for k, v in last.items() if k != "epoch"))
+        return float(info["seconds"])
 
     # -- evaluation --------------------------------------------------------------------------
 
@@ -185,10 +201,13 @@ class Workspace:
         if method.session_causal:
             # Each clip sees only its session's earlier clips, in both modes.
             preds = torch.empty_like(realtime.label)
+            session_preds = torch.empty_like(realtime.label)
             for d in realtime.device.unique().tolist():
                 idx = torch.nonzero(realtime.device == d).flatten()
-                preds[idx] = method.predict_stream(realtime.index(idx).f_g).argmax(-1)
-            session_preds = preds
+                session = realtime.index(idx)
+                preds[idx] = method.predict_stream(session).argmax(-1)
+                session_preds[idx] = (method.predict_stream(session, per_session=True).argmax(-1)
+                                      if method.adaptive else preds[idx])
         else:
             preds = predict_per_sample(method, realtime, self.eval_batch_size, device=self.device)
             session_preds = torch.empty_like(realtime.label)
@@ -213,14 +232,13 @@ class Workspace:
                       "down": {"fp32": payload_bytes(theta, "fp32"), "fp16": payload_bytes(theta, "fp16"),
                                "int8": payload_bytes(theta, "int8", rows=self.K + 1) if theta else 0}},
         }
+        if method.session_causal:
+            out["device_cost"] = self.device_costs(method, realtime)
         if not method.adaptive:
             out["flops"] = {"benchmark": 0, "paper": 0, "benchmark_K": self.K, "paper_K": paper_K}
             out["adapt_ms"] = {"median": 0.0, "p90": 0.0, "repeats": 0}
             if method.session_causal:
-                session = realtime.index(torch.nonzero(realtime.device == realtime.device[0]).flatten())
-                timing = time_call(lambda: method.predict_stream(session.f_g), repeats=5, warmup=1)
-                # What the device spends per clip to keep its estimate up to date (no upload at all).
-                out["device_ms_per_clip"] = timing["median_ms"] / max(len(session), 1)
+                out["device_ms_per_clip"] = out["device_cost"]["ms_per_clip"]
             return out
         method.eval()
         with torch.inference_mode():
@@ -241,6 +259,23 @@ class Workspace:
             timing = time_call(adapt_and_predict, repeats=self.adapt_timing_repeats, warmup=10)
         out["adapt_ms"] = {"median": timing["median_ms"], "p90": timing["p90_ms"], "repeats": timing["repeats"]}
         return out
+
+    def device_costs(self, method: Method, realtime: FeatureBatch) -> dict[str, Any]:
+        """What the device spends per clip on its correction over one session: time, FLOPs (the head's
+        forward included, a backward too where the correction takes one) and the state it keeps."""
+        session = realtime.index(torch.nonzero(realtime.device == realtime.device[0]).flatten())
+        n = max(len(session), 1)
+        method.eval()
+        weight, bias = method.session_theta(session)  # the cloud's Θ_d is not the device's work
+        correction = method.correction
+
+        def stream() -> torch.Tensor:
+            return correction.stream(method.static, session.f_g, weight, bias)
+
+        timing = time_call(stream, repeats=5, warmup=1)
+        return {"ms_per_clip": timing["median_ms"] / n, "flops_per_clip": count_flops(stream) / n,
+                "state_bytes": 4 * correction.state_floats(n, weight.shape[-1]), "session_clips": n,
+                "backprop": bool(correction.backprop)}
 
     def paper_flops(self, name: str, upload: torch.Tensor, paper_K: int) -> int:
         """Cloud-step FLOPs of the same method at the paper's label count (untrained weights suffice)."""

@@ -1,13 +1,14 @@
 """Methods: one small class per method, registered by name in ``METHODS``.
 
 Importing this package registers every method: f_linear, fine_tune, f_hyper, duet, stablesynth, the
-stage-2 control and em_prior.
+stage-2 control, the on-device baselines (em_prior, label_shift, t3a, tent_sar) and StableSynthNet
+followed by each of them (stablesynth_then_*).
 """
 
 from collections.abc import Mapping
 from typing import Any
 
-from stablesynth.methods import baselines, control, em_prior, stablesynth
+from stablesynth.methods import baselines, control, corrections, ondevice, stablesynth
 from stablesynth.methods.base import METHODS, Method, default_method_config
 from stablesynth.methods.config import MethodConfig
 
@@ -35,7 +36,8 @@ __all__ = [
     "baselines",
     "build_method",
     "control",
+    "corrections",
     "default_method_config",
-    "em_prior",
+    "ondevice",
     "stablesynth",
 ]

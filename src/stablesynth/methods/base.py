@@ -45,8 +45,10 @@ class Method(nn.Module):
     needs_answer_classes: ClassVar[bool] = False
     #: True for the stage-1 global head: the reference of the oracle, the diagnostics and em-prior.
     is_global_head: ClassVar[bool] = False
-    #: True when predictions use the session's earlier clips (``predict_stream``), as em_prior does.
+    #: True when predictions use the session's earlier clips (``predict_stream``): the on-device corrections.
     session_causal: ClassVar[bool] = False
+    #: The method whose stage 2 this one reuses as it is (a correction on top of its Θ_d), or None.
+    stage2_of: ClassVar[str | None] = None
     #: True for the method this package proposes: the report's comparisons and the encoding study are about it.
     proposed: ClassVar[bool] = False
     cfg: MethodConfig
@@ -56,9 +58,14 @@ class Method(nn.Module):
     def prepare(self, train: FeatureBatch, validation: FeatureBatch | None) -> None:
         """Before stage 2: statistics of the training clips, and choices made on the validation clips."""
 
-    def predict_stream(self, f_g: torch.Tensor) -> torch.Tensor:
-        """Logits [n, K] of one session's clips in capture order, clip t using only clips before it."""
+    def predict_stream(self, session: FeatureBatch, per_session: bool = False) -> torch.Tensor:
+        """Logits [n, K] of one session's clips in capture order, clip t using only clips before it;
+        ``per_session``: Θ_d from the session's first upload for every clip (per-clip uploads otherwise)."""
         raise NotImplementedError(f"method {self.name!r} does not predict a session as a stream")
+
+    def on_device(self) -> dict[str, Any] | None:
+        """What the device does beyond the forward pass (its correction and chosen settings), or None."""
+        return None
 
     def prepare_cost_count(self) -> None:
         """Put an untrained model in the state a trained one counts cloud FLOPs in (default: nothing)."""
