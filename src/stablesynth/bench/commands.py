@@ -6,6 +6,7 @@ import argparse
 from pathlib import Path
 
 from stablesynth.accelerator import add_device_argument
+from stablesynth.commandline import int_at_least
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -84,6 +85,31 @@ def register(sub: argparse._SubParsersAction) -> None:
     dv.add_argument("--no-ti", action="store_true", help="skip the allinone-ti rows")
     dv.set_defaults(func=_device)
 
+    ds = bsub.add_parser(
+        "devices", help="unseen-device accuracy vs the number of seen devices at a fixed total of history clips",
+        description=("For each number of seen devices (8 ... 256 by default) and each benchmark seed, draws a "
+                     "benchmark whose seen devices share --total-history history clips (more devices, fewer clips "
+                     "each) and --unseen held-out devices, extracts features with the frozen stage-0 encoder, "
+                     "trains the global head on them and every method from it, and scores the unseen devices. "
+                     "Writes devices.json and devices.png to --out; finished points are kept in --out/points, so "
+                     "a second run resumes."))
+    ds.add_argument("--out", type=Path, default=Path("runs/bench-devices"), help="output folder")
+    ds.add_argument("--config", type=Path, default=Path("harsh"),
+                    help="the run config whose camera ranges and stage-2 settings every point uses (default: harsh)")
+    ds.add_argument("--counts", type=int_at_least("--counts", 2), nargs="+", default=None,
+                    help="numbers of seen devices (default: 8 16 32 64 128 256)")
+    ds.add_argument("--seeds", type=int_at_least("--seeds", 1), default=3, help="benchmark seeds (default 3)")
+    ds.add_argument("--total-history", type=int_at_least("--total-history", 1), default=3840,
+                    help="history clips shared by the seen devices at every point (default 3840)")
+    ds.add_argument("--unseen", type=int_at_least("--unseen", 1), default=16, help="held-out devices (default 16)")
+    ds.add_argument("--realtime", type=int_at_least("--realtime", 1), default=60,
+                    help="real-time clips per unseen device (default 60)")
+    ds.add_argument("--methods", nargs="+", default=None,
+                    help="methods per point (default: fine_tune f_hyper stablesynth stage2_control em_prior "
+                         "label_shift t3a tent_sar)")
+    add_device_argument(ds)
+    ds.set_defaults(func=_devices)
+
     pay = sub.add_parser(
         "payload", help="bytes up/down and transfer time for the paper's presets (Table 5)",
         description=("For each paper preset: the upload (one 192-float feature) and the download per encoding "
@@ -102,6 +128,19 @@ def _ablate(args: argparse.Namespace) -> int:
         raise ValueError("--seeds must be >= 1")
     cfg = load_run_config(args.config, quick=args.quick)
     run_ablation(cfg, args.out, seeds=args.seeds, only=args.only, device=args.device)
+    return 0
+
+
+def _devices(args: argparse.Namespace) -> int:
+    from stablesynth.bench.devices import DEFAULT_COUNTS, DEFAULT_METHODS, format_table, run_devices_bench
+    from stablesynth.experiment.demo import load_run_config
+
+    summary = run_devices_bench(load_run_config(args.config), args.out, counts=args.counts or DEFAULT_COUNTS,
+                                seeds=args.seeds, total_history=args.total_history, n_unseen=args.unseen,
+                                realtime_per_device=args.realtime, methods=args.methods or DEFAULT_METHODS,
+                                device=args.device)
+    print(format_table(summary))
+    print(f"wrote {args.out / 'devices.json'} and {args.out / 'devices.png'} in {summary['seconds']:.0f} s")
     return 0
 
 
