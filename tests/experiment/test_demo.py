@@ -78,14 +78,14 @@ def test_results_schema_rejects_missing_and_wrong_fields(quick_run: Path):
         validate_results(results)
 
 
-@pytest.mark.parametrize("name", ["demo", "scratch", "harsh", "camera", "aux", "quick"])
+@pytest.mark.parametrize("name", ["demo", "mild", "scratch", "harsh", "camera", "aux", "quick"])
 def test_every_packaged_run_config_loads(name: str):
     cfg = load_run_config(name)  # checked on load: keys, ranges, the encoder's input size
     assert cfg.methods and (cfg.stage0 is None) == (name in ("scratch", "quick"))
 
 
-def test_camera_config_is_the_demo_with_camera_augmented_pretraining():
-    demo, camera = load_run_config("demo").to_dict(), load_run_config("camera").to_dict()
+def test_camera_config_is_the_mild_profile_with_camera_augmented_pretraining():
+    demo, camera = load_run_config("mild").to_dict(), load_run_config("camera").to_dict()
     assert camera["stage0"]["augment"] == "camera" and demo["stage0"]["augment"] == "none"
     for key in set(demo) - {"stage0", "method_overrides"}:
         assert camera[key] == demo[key], key
@@ -93,8 +93,8 @@ def test_camera_config_is_the_demo_with_camera_augmented_pretraining():
         {k: v for k, v in demo["stage0"].items() if k != "augment"}
 
 
-def test_aux_config_is_the_demo_with_stage1_attribute_losses():
-    demo, aux = load_run_config("demo").to_dict(), load_run_config("aux").to_dict()
+def test_aux_config_is_the_mild_profile_with_stage1_attribute_losses():
+    demo, aux = load_run_config("mild").to_dict(), load_run_config("aux").to_dict()
     assert aux["stage1"]["aux_weight"] > 0 and demo["stage1"]["aux_weight"] == 0
     assert {k: v for k, v in aux["stage1"].items() if k != "aux_weight"} == \
         {k: v for k, v in demo["stage1"].items() if k != "aux_weight"}

@@ -129,3 +129,12 @@ def test_choose_keeps_the_most_accurate_point_and_the_earlier_on_ties():
     best = max(tried.values())
     first_best = next(k for k, v in tried.items() if v == best)
     assert first_best == f"prior_strength={float(c.prior_strength):g}"
+
+
+def test_t3a_filter_keeps_the_lowest_entropy_supports_of_each_class():
+    from stablesynth.methods.corrections import _lowest_per_class
+
+    labels = torch.tensor([0, 1, 0, 0, 1, 2])
+    ent = torch.tensor([0.5, 0.1, 0.2, 0.9, 0.3, 0.4])
+    assert sorted(_lowest_per_class(labels, ent, 2, 3).tolist()) == [0, 1, 2, 4, 5]
+    assert sorted(_lowest_per_class(labels, ent, 1, 3).tolist()) == [1, 2, 5]

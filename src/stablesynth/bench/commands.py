@@ -11,7 +11,7 @@ from stablesynth.commandline import int_at_least
 
 def register(sub: argparse._SubParsersAction) -> None:
     bench = sub.add_parser(
-        "bench", help="benchmarks: ablations, serving throughput",
+        "bench", help="benchmarks: ablations, tuning, device counts, serving, training and device speed",
         description="Benchmarks; each prints its figures next to a baseline measured in the same run.")
     bsub = bench.add_subparsers(dest="bench_command", metavar="BENCH")
 

@@ -117,6 +117,10 @@ def per_session_said(results: dict[str, Any], metric: str = "accuracy",
     return ["", title, ""] + [f"- {v}" for v in said] if said else []
 
 
+def _bench_seed(results: dict[str, Any]) -> Any:
+    return (results.get("config") or {}).get("benchmark", {}).get("seed", "?")
+
+
 def render_report(results: dict[str, Any], ablation: dict[str, Any] | None = None,
                   seeds: dict[str, Any] | None = None) -> str:
     """report.md as a string; figures come only from ``results`` (and ``ablation``)."""
@@ -134,6 +138,13 @@ def render_report(results: dict[str, Any], ablation: dict[str, Any] | None = Non
         f"K = {K} {'answers' if K > 1 else 'output (one score per pair)'}, seed {results['seed']}. "
         f"Accuracy: {b.get('accuracy_convention', 'top-1')}. "
         "Every number below is read from `results.json` in this folder.",
+        "",
+        (f"**The tables below are one draw** (benchmark seed {_bench_seed(results)}, run seed {results['seed']}); "
+         "the section \"Across benchmark seeds\" at the end gives every headline as its mean and min–max over "
+         f"{seeds['n_seeds']} seeds, and that is the finding." if seeds else
+         "**These figures are one draw** of the benchmark and the training seed: on another seed or machine they "
+         "move by a few points (more for the caption tasks); `stablesynth demo --seeds 3` gives each headline as its "
+         "mean and spread over seeds."),
         "",
     ]
     s0 = results.get("stage0")

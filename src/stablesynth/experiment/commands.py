@@ -29,9 +29,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--out", type=Path, default=Path("runs/demo"), help="output folder (default: runs/demo)")
     p.add_argument("--config", type=Path, default=None,
-                   help="a run config (YAML/TOML/JSON file) or a packaged one by name: demo (default, with stage 0), "
-                        "scratch (no stage 0), harsh (stronger casts, fewer training devices), camera (stage 0 "
-                        "sees camera-like captures), aux (stage 1 also learns each scene's colour and shape), quick")
+                   help="a run config (YAML/TOML/JSON file) or a packaged one by name: demo (default: harsh "
+                        "cameras, 10 seen devices, mild usage skew), mild (the former default: 30 mild cameras), "
+                        "harsh (the default's cameras, strong usage skew), scratch (no stage 0), camera (mild, stage "
+                        "0 sees camera-like captures), aux (mild, stage 1 also learns each scene's colour and shape), "
+                        "quick")
     p.add_argument("--quick", action="store_true", help="a small config for smoke tests (about a minute)")
     p.add_argument("--fresh", action="store_true", help="ignore finished stages in --out and redo everything")
     p.add_argument("--seed", type=int_at_least("--seed", 0), default=None,

@@ -123,8 +123,8 @@ def packaged_config(name: str) -> Path:
 
 
 def load_run_config(path: str | Path | None = None, quick: bool = False) -> RunConfig:
-    """A config file, a packaged config's name (``demo``, ``scratch``, ``harsh``, ``camera``, ``aux``,
-    ``quick``), or the packaged default."""
+    """A config file, a packaged config's name (``demo``, ``mild``, ``scratch``, ``harsh``, ``camera``,
+    ``aux``, ``quick``), or the packaged default."""
     if path is not None:
         if not Path(path).exists() and Path(path).suffix == "":
             return RunConfig.from_file(packaged_config(str(path)))

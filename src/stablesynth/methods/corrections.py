@@ -200,6 +200,16 @@ class OnlineLabelShift(Correction):
         return self.num_classes * self.num_classes + 2 * self.num_classes
 
 
+def _lowest_per_class(labels: torch.Tensor, score: torch.Tensor, k: int, num_classes: int) -> torch.Tensor:
+    """Indices of the ``k`` lowest-``score`` items of each label (T3A's support filter)."""
+    order = torch.argsort(score, stable=True)
+    order = order[torch.argsort(labels[order], stable=True)]
+    grouped = labels[order]
+    counts = torch.bincount(grouped, minlength=num_classes)
+    rank = torch.arange(len(order)) - (torch.cumsum(counts, 0) - counts)[grouped]
+    return order[rank < k]
+
+
 class T3A(Correction):
     """Test-time classifier adjustment (Iwasawa & Matsuo, NeurIPS 2021).
 
@@ -229,10 +239,7 @@ class T3A(Correction):
             sup_labels = torch.cat([warm.argmax(-1), labels[: t + 1]])
             sup_ent = torch.cat([softmax_entropy(warm), ent[: t + 1]])
             if k > 0:
-                keep = torch.zeros(len(supports), dtype=torch.bool)
-                for c in sup_labels.unique().tolist():
-                    idx = torch.nonzero(sup_labels == c).flatten()
-                    keep[idx[torch.argsort(sup_ent[idx])[:k]]] = True
+                keep = _lowest_per_class(sup_labels, sup_ent, k, K)
                 supports, sup_labels = supports[keep], sup_labels[keep]
             onehot = nn.functional.one_hot(sup_labels, K).to(z.dtype)
             protos = nn.functional.normalize(nn.functional.normalize(supports, dim=1).T @ onehot, dim=0)
