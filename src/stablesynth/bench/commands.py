@@ -94,8 +94,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                      "Writes devices.json and devices.png to --out; finished points are kept in --out/points, so "
                      "a second run resumes."))
     ds.add_argument("--out", type=Path, default=Path("runs/bench-devices"), help="output folder")
-    ds.add_argument("--config", type=Path, default=Path("harsh"),
-                    help="the run config whose camera ranges and stage-2 settings every point uses (default: harsh)")
+    ds.add_argument("--config", type=Path, default=Path("demo"),
+                    help="the run config whose camera ranges and stage-2 settings every point uses (default: demo, "
+                         "the harsh cameras)")
     ds.add_argument("--counts", type=int_at_least("--counts", 2), nargs="+", default=None,
                     help="numbers of seen devices (default: 8 16 32 64 128 256)")
     ds.add_argument("--seeds", type=int_at_least("--seeds", 1), default=3, help="benchmark seeds (default 3)")
