@@ -42,7 +42,8 @@ def test_seed_summary_gives_spreads_headroom_and_the_caption_tasks():
     assert "proposed_minus_this" not in s["methods"]["stablesynth"]["seen"]
     h = s["headroom"]
     assert h["oracle_minus_global_unseen"]["per_seed"] == pytest.approx([0.2, 0.18, 0.24])
-    assert h["prior_share_unseen"]["per_seed"] == pytest.approx([0.25, 0.05 / 0.18, 0.05 / 0.24])
+    assert h["prior_gain_unseen"]["per_seed"] == pytest.approx([0.05, 0.05, 0.05])
+    assert h["prior_share_unseen"] == pytest.approx(0.05 / 0.2067, rel=1e-3)
     mc = s["tasks"]["mc"]["methods"]["fine_tune"]["seen"]
     assert (mc["min"], mc["max"]) == (pytest.approx(0.73), pytest.approx(0.85))
     text = "\n".join(render_seeds(s))

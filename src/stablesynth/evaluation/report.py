@@ -409,9 +409,11 @@ def render_seeds(seeds: dict[str, Any]) -> list[str]:
                   f"| oracle − global head (points) | {_spread(h['oracle_minus_global_seen'])} "
                   f"| {_spread(h['oracle_minus_global_unseen'])} |",
                   f"| global head on the same clips captured clean | {_spread(h['global_clean'])} | |"]
-        if "prior_share_unseen" in h:
-            lines.append(f"| share of the unseen headroom the device's history label prior recovers | | "
-                         f"{_spread(h['prior_share_unseen'])} |")
+        if "prior_gain_unseen" in h:
+            share = h.get("prior_share_unseen")
+            lines.append(f"| global head re-weighted by the device's history label prior, gain (points) | | "
+                         f"{_spread(h['prior_gain_unseen'])}"
+                         + (f"; {100 * share:.0f} % of the mean headroom |" if share is not None else " |"))
         lines.append("")
     lines += ["### Open-ended QA", "", *_seed_rows(seeds["methods"]), ""]
     titles = {"mc": "Multiple choice (accuracy)", "ret": "Retrieval (per-device session VR@1)"}

@@ -70,9 +70,11 @@ def summarise_seeds(runs: list[dict[str, Any]]) -> dict[str, Any]:
                for g in ("seen", "unseen")},
         }
         if all(r.get("diagnostics") for r in runs):
-            out["headroom"]["prior_share_unseen"] = spread([
-                (r["diagnostics"]["prior_corrected_unseen"] - r["diagnostics"]["global_unseen"])
-                / max(r["informative"]["oracle_unseen"] - r["informative"]["global_unseen"], 1e-9) for r in runs])
+            gains = [r["diagnostics"]["prior_corrected_unseen"] - r["diagnostics"]["global_unseen"] for r in runs]
+            out["headroom"]["prior_gain_unseen"] = spread(gains)
+            # A ratio of the means: one seed's headroom can be near zero, and its own ratio then means nothing.
+            room = sum(i["oracle_unseen"] - i["global_unseen"] for i in inf) / len(inf)
+            out["headroom"]["prior_share_unseen"] = sum(gains) / len(gains) / room if room > 0 else None
     tasks = [t for t in (runs[0].get("tasks") or {}) if all(t in (r.get("tasks") or {}) for r in runs)]
     if tasks:
         out["tasks"] = {t: {"methods": _summarise_methods(runs, lambda r, t=t: r["tasks"][t]["methods"], ours)}
