@@ -220,7 +220,9 @@ def run_devices_bench(base: RunConfig, out: Path, counts: Sequence[int] = DEFAUL
             + f" ({point['seconds']:.0f} s)")
     summary = {**summarise(points, counts, methods), "seeds": seeds, "total_history": total_history,
                "n_unseen": n_unseen, "realtime_per_device": realtime_per_device,
-               "base_config": base.to_dict(), "seconds": time.perf_counter() - t0}
+               "base_config": base.to_dict(), "seconds": time.perf_counter() - t0,
+               # What the points cost when they were run (a resumed run reads them in seconds).
+               "point_seconds": sum(float(p["seconds"]) for p in points)}
     atomic_write_json(out / DEVICES_FILE, summary)
     plot(summary, out / PLOT_FILE, ["fine_tune", "stablesynth", "f_hyper", "stage2_control", "best_on_device"])
     return summary
