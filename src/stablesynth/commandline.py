@@ -10,22 +10,6 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from collections.abc import Callable
-
-
-def int_at_least(flag: str, minimum: int) -> Callable[[str], int]:
-    """An argparse ``type`` for an integer flag that must be >= ``minimum``; the error names the flag."""
-
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{flag} {text!r}: not an integer") from None
-        if value < minimum:
-            raise argparse.ArgumentTypeError(f"{flag} {text!r}: must be >= {minimum}")
-        return value
-
-    return parse
 
 
 def run_parsed(parser: argparse.ArgumentParser, argv: list[str] | None = None) -> int:

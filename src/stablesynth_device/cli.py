@@ -11,41 +11,17 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
+from stablesynth_device.argtypes import int_at_least, positive_float
 from stablesynth_device.bundle import Bundle, BundleError
 from stablesynth_device.frames import FrameError
 from stablesynth_device.runtime import InputError
 from stablesynth_device.wire.auth import TOKEN_ENV, resolve_token
 from stablesynth_device.wire.protocol import ENCODINGS
-
-
-def _positive_float(flag: str):
-    def parse(text: str) -> float:
-        try:
-            v = float(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{flag} {text!r}: not a number") from None
-        if not math.isfinite(v) or v <= 0:
-            raise argparse.ArgumentTypeError(f"{flag} {text!r}: must be a finite number > 0")
-        return v
-    return parse
-
-
-def _count(flag: str, minimum: int):
-    def parse(text: str) -> int:
-        try:
-            v = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{flag} {text!r}: not an integer") from None
-        if v < minimum:
-            raise argparse.ArgumentTypeError(f"{flag} {text!r}: must be >= {minimum}")
-        return v
-    return parse
 
 
 def _index_list(text: str) -> list[int]:
@@ -94,15 +70,15 @@ def build_parser() -> argparse.ArgumentParser:
     where.add_argument("--offline", action="store_true",
                        help="do not contact the cloud: predict with the last good Θ_d, else the global one")
     p.add_argument("--encoding", choices=ENCODINGS, default="fp32", help="how Θ_d travels (default fp32)")
-    p.add_argument("--timeout", type=_positive_float("--timeout"), default=2.0,
+    p.add_argument("--timeout", type=positive_float("--timeout"), default=2.0,
                    help="deadline of the whole exchange in seconds, retries included (default 2)")
-    p.add_argument("--retries", type=_count("--retries", 0), default=2, help="extra attempts (default 2)")
-    p.add_argument("--upload-index", type=_count("--upload-index", 0), default=None, metavar="I",
+    p.add_argument("--retries", type=int_at_least("--retries", 0), default=2, help="extra attempts (default 2)")
+    p.add_argument("--upload-index", type=int_at_least("--upload-index", 0), default=None, metavar="I",
                    help="the frame to upload (default: the bundle's rule, the middle frame)")
     p.add_argument("--global-index", type=_index_list, default=None, metavar="I,J,..",
                    help="the frames averaged into F_g (default: the bundle's rule, D evenly spaced frames)")
     p.add_argument("--int8", action="store_true", help="use the bundle's int8 encoder")
-    p.add_argument("--threads", type=_count("--threads", 1), default=1, help="ONNX Runtime threads (default 1)")
+    p.add_argument("--threads", type=int_at_least("--threads", 1), default=1, help="ONNX Runtime threads (default 1)")
     p.add_argument("--token", default=None, help=f"bearer token (visible in `ps`: prefer --token-file or ${TOKEN_ENV})")
     p.add_argument("--token-file", type=Path, default=None, metavar="FILE",
                    help="read the token from FILE's first line")

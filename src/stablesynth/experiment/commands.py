@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 
 from stablesynth.accelerator import add_device_argument
-from stablesynth.commandline import int_at_least
+from stablesynth_device.argtypes import int_at_least
 
 
 def register(sub: argparse._SubParsersAction) -> None:
