@@ -108,10 +108,6 @@ class Correction(nn.Module):
         raise NotImplementedError
 
 
-def _head_logits(static: StaticHead, f_g: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
-    return torch.einsum("nh,nkh->nk", static(f_g), weight) + bias
-
-
 class EMPriorCorrection(Correction):
     """The session's answer prior by EM (Saerens et al., 2002), from the clips before each one:
 
@@ -128,7 +124,7 @@ class EMPriorCorrection(Correction):
     @torch.no_grad()
     def stream(self, static: StaticHead, f_g: torch.Tensor, weight: torch.Tensor,
                bias: torch.Tensor) -> torch.Tensor:
-        logp = _head_logits(static, f_g, weight, bias).log_softmax(-1)
+        logp = dynamic_linear(static(f_g), weight, bias).log_softmax(-1)
         post = logp.exp()
         pi_train = self.train_prior
         lam = float(self.prior_strength)
@@ -183,7 +179,7 @@ class OnlineLabelShift(Correction):
     @torch.no_grad()
     def stream(self, static: StaticHead, f_g: torch.Tensor, weight: torch.Tensor,
                bias: torch.Tensor) -> torch.Tensor:
-        logits = _head_logits(static, f_g, weight, bias)
+        logits = dynamic_linear(static(f_g), weight, bias)
         logp = logits.log_softmax(-1)
         estimates = self.confusion_inv[:, logits.argmax(-1)].T  # ŝ_s for every clip, [n, K]
         pi_train = self.train_prior
@@ -229,7 +225,7 @@ class T3A(Correction):
                bias: torch.Tensor) -> torch.Tensor:
         K = self.num_classes
         z = static(f_g)
-        logits = torch.einsum("nh,nkh->nk", z, weight) + bias
+        logits = dynamic_linear(z, weight, bias)
         labels, ent = logits.argmax(-1), softmax_entropy(logits)
         k = int(self.filter_k)
         out = torch.empty_like(logits)

@@ -26,6 +26,7 @@ from stablesynth.methods.corrections import (
     choose,
 )
 from stablesynth.methods.stablesynth import StableSynthNet
+from stablesynth.models.device import dynamic_linear
 
 
 class OnDeviceMixin(Method):
@@ -63,14 +64,14 @@ class OnDeviceMixin(Method):
         calib = validation if validation is not None and len(validation) else train
         weight, bias = self.session_theta(calib)
         with torch.no_grad():
-            logits = torch.einsum("nh,nkh->nk", self.static(calib.f_g), weight) + bias
+            logits = dynamic_linear(self.static(calib.f_g), weight, bias)
         self.correction.fit(logits, calib.label, train.label)
-        if validation is not None and len(validation):
+        if calib is validation:
+            # Per-sample Θ_d of a clip is its own: the sessions slice the Θ_d generated above.
             sessions = []
             for d in validation.device.unique().tolist():
-                rows = validation.index(torch.nonzero(validation.device == d).flatten())
-                w, b = self.session_theta(rows)
-                sessions.append((self.static, rows.f_g, w, b, rows.label))
+                idx = torch.nonzero(validation.device == d).flatten()
+                sessions.append((self.static, validation.f_g[idx], weight[idx], bias[idx], validation.label[idx]))
             self.validation_accuracy = choose(self.correction, sessions)
         self.train(was_training)
 
