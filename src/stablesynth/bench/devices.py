@@ -84,8 +84,8 @@ def run_point(cfg: RunConfig, out: Path, log: Callable[[str], None], device: str
     run = DemoRun(cfg, out, reuse=False, log=log, device=device)
     ws = run.ws
     # The encoder is never trained here: its features are the stage-0 ones for every method.
-    ws.rows = {"history": run._cache("trained", ws.model.encoder, "history", "seen"),
-               "realtime": run._cache("trained", ws.model.encoder, "realtime", "unseen")}
+    ws.rows = {"history": run.cache_split("trained", ws.model.encoder, "history", "seen"),
+               "realtime": run.cache_split("trained", ws.model.encoder, "realtime", "unseen")}
     ws.rows["init_history"], ws.rows["init_realtime"] = ws.rows["history"], ws.rows["realtime"]
     save_module(out / "stage1", ws.model, {"kind": "stage1", "encoder": "stage 0, frozen"})
     head, seconds = ws.train_or_load("f_linear")

@@ -195,7 +195,8 @@ class DemoRun:
         ws.stage1_info["seconds"] = time.perf_counter() - t
         ws.timed("stage1", t)
 
-    def _cache(self, tag: str, encoder: nn.Module, split: str, devices: str, clean: bool = False) -> dict:
+    def cache_split(self, tag: str, encoder: nn.Module, split: str, devices: str, clean: bool = False) -> dict:
+        """The cached features of ``encoder`` on ``devices``' clips of ``split`` (made when missing or stale)."""
         cfg = self.cfg
         rows = self.bench.rows(split, devices)
         n_batches = math.ceil(len(rows) / cfg.eval_batch_size)
@@ -212,13 +213,13 @@ class DemoRun:
         t = time.perf_counter()
         ws = self.ws
         ws.rows = {
-            "history": self._cache("trained", ws.model.encoder, "history", "all"),
-            "realtime": self._cache("trained", ws.model.encoder, "realtime", "all"),
-            "realtime_clean": self._cache("trained", ws.model.encoder, "realtime", "all", clean=True),
+            "history": self.cache_split("trained", ws.model.encoder, "history", "all"),
+            "realtime": self.cache_split("trained", ws.model.encoder, "realtime", "all"),
+            "realtime_clean": self.cache_split("trained", ws.model.encoder, "realtime", "all", clean=True),
         }
         if ws.wants_untrained_features(self.cfg.methods):
-            ws.rows["init_history"] = self._cache("init", ws.initial.encoder, "history", "seen")
-            ws.rows["init_realtime"] = self._cache("init", ws.initial.encoder, "realtime", "all")
+            ws.rows["init_history"] = self.cache_split("init", ws.initial.encoder, "history", "seen")
+            ws.rows["init_realtime"] = self.cache_split("init", ws.initial.encoder, "realtime", "all")
         ws.timed("features", t)
 
     def evaluate_methods(self) -> tuple[dict[str, Any], dict[str, Method]]:
