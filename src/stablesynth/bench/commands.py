@@ -111,6 +111,24 @@ def register(sub: argparse._SubParsersAction) -> None:
     add_device_argument(ds)
     ds.set_defaults(func=_devices)
 
+    hr = bsub.add_parser(
+        "headroom",
+        help="where the unseen-device headroom goes (ceilings, Θ_d vs per-device optima) and what recovers it",
+        description=("For each benchmark seed, opens the demo's run folder of that seed (--out, then --out/seeds/K: "
+                     "run `stablesynth demo --config C --seeds N --out DIR` first, or let this train what is "
+                     "missing), measures the ceilings of a Θ_d generator on unseen and seen devices (per-device bias, "
+                     "last layer, last layer with the usage skew weighted out, the history answer prior, per-device "
+                     "fine-tuning), how each hypernetwork's Θ_d lines up with the per-device optima, what one "
+                     "uploaded frame carries (device probe, colour-cast regression), and trains the candidate fixes "
+                     "(the generator pulled towards per-device optima, on-device corrections after Θ_d). The best "
+                     "cloud method is chosen on validation clips. Writes headroom.json and headroom.png to --out."))
+    hr.add_argument("--out", type=Path, default=Path("runs/harsh"), help="the demo's run folder (default runs/harsh)")
+    hr.add_argument("--config", type=Path, default=Path("harsh"),
+                    help="the run config (default: harsh, the profile the study is about)")
+    hr.add_argument("--seeds", type=int_at_least("--seeds", 1), default=3, help="benchmark seeds (default 3)")
+    add_device_argument(hr)
+    hr.set_defaults(func=_headroom)
+
     pay = sub.add_parser(
         "payload", help="bytes up/down and transfer time for the paper's presets (Table 5)",
         description=("For each paper preset: the upload (one 192-float feature) and the download per encoding "
@@ -129,6 +147,16 @@ def _ablate(args: argparse.Namespace) -> int:
         raise ValueError("--seeds must be >= 1")
     cfg = load_run_config(args.config, quick=args.quick)
     run_ablation(cfg, args.out, seeds=args.seeds, only=args.only, device=args.device)
+    return 0
+
+
+def _headroom(args: argparse.Namespace) -> int:
+    from stablesynth.bench.headroom import HEADROOM_FILE, PLOT_FILE, format_table, run_headroom_bench
+    from stablesynth.experiment.demo import load_run_config
+
+    summary = run_headroom_bench(load_run_config(args.config), args.out, seeds=args.seeds, device=args.device)
+    print(format_table(summary))
+    print(f"wrote {args.out / HEADROOM_FILE} and {args.out / PLOT_FILE} in {summary['seconds']:.0f} s")
     return 0
 
 

@@ -42,3 +42,8 @@ class FeatureBatch:
 
     def index(self, idx: torch.Tensor | slice) -> FeatureBatch:
         return FeatureBatch(**{f.name: getattr(self, f.name)[idx] for f in fields(self)})
+
+    @staticmethod
+    def cat(batches: list[FeatureBatch]) -> FeatureBatch:
+        """The clips of every batch, in order (same frame count and D in each)."""
+        return FeatureBatch(**{f.name: torch.cat([getattr(b, f.name) for b in batches]) for f in fields(FeatureBatch)})

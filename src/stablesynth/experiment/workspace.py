@@ -57,6 +57,17 @@ def drop_stale_checkpoint(ckpt: Path, wanted: dict[str, Any], log: Callable[[str
         shutil.rmtree(ckpt)
 
 
+def _same_config(stored: Any, cfg: MethodConfig) -> bool:
+    """Whether a checkpoint's stored method config is ``cfg``, read through MethodConfig first: an option
+    added since, left at its default, does not make an older checkpoint stale."""
+    if not isinstance(stored, dict):
+        return False
+    try:
+        return MethodConfig.from_dict(stored).to_dict() == cfg.to_dict()
+    except ConfigError:
+        return False
+
+
 @dataclass
 class Workspace:
     """One run's output folder and what its stages share.
@@ -148,7 +159,7 @@ class Workspace:
         if (self.reuse or self.require_checkpoints) and (ckpt / "manifest.json").exists():
             try:
                 manifest = read_manifest(ckpt)
-                if manifest.get("config") == mcfg.to_dict() and manifest.get("stage1_sha256") == stage1_sha:
+                if _same_config(manifest.get("config"), mcfg) and manifest.get("stage1_sha256") == stage1_sha:
                     load_module_state(ckpt, method, expect_kind="method")
                     self.log(f"stage 2 {name}: reusing {ckpt}")
                     return method, float(manifest.get("train_seconds", 0.0))

@@ -16,6 +16,7 @@ from torch import nn
 from stablesynth.data.batch import FeatureBatch
 from stablesynth.methods.base import METHODS, MODULES_OFF, Method
 from stablesynth.methods.config import MethodConfig
+from stablesynth.methods.device_optima import LastLayer, device_optima
 from stablesynth.models.device import FEATURE_DIM, HIDDEN_DIM, StaticHead, dynamic_linear, dynamic_specs
 from stablesynth.models.generators import Generator, create_generator
 from stablesynth.models.hypernet import MLPProjector, SequenceProjector
@@ -113,6 +114,53 @@ class HyperMethod(_DeviceHeadMixin):
         _check_head(weight, bias, self.num_classes)
         super().init_from_head(static, weight, bias)
         self.generator.reset_base({"weight": weight, "bias": bias})
+        self._head = LastLayer(weight.detach().clone(), bias.detach().clone())
+
+    def prepare(self, train: FeatureBatch, validation: FeatureBatch | None) -> None:
+        """With ``optimum_weight`` > 0: each training device's last-layer optimum (:meth:`optimum_term`'s target)."""
+        super().prepare(train, validation)
+        self._optima = None
+        if self.cfg.optimum_weight <= 0:
+            return
+        head = getattr(self, "_head", None)
+        if head is None:
+            raise RuntimeError(f"{self.name}: optimum_weight needs init_from_head before prepare")
+        optima = device_optima(self.static, train, head, seed=0)
+        ids = torch.tensor(sorted(optima))
+        weight = torch.stack([optima[int(d)].weight for d in ids])
+        bias = torch.stack([optima[int(d)].bias for d in ids])
+        scale = torch.stack([((o.flat() - head.flat()) ** 2).sum() for o in optima.values()]).mean()
+        self._optima = (ids, weight, bias, float(scale.clamp_min(1e-12)))
+
+    def optimum_term(self, params: Mapping[str, torch.Tensor], device: torch.Tensor) -> torch.Tensor | None:
+        """``optimum_weight`` · mean ‖Θ_d − Θ*_device‖² / mean ‖Θ* − Θ_global‖² over the batch's clips of
+        training devices (``MethodConfig.optimum_weight``); None when the term is off."""
+        optima = getattr(self, "_optima", None)
+        if optima is None:
+            return None
+        ids, weight, bias, scale = optima
+        dev = device.cpu()
+        pos = torch.searchsorted(ids, dev).clamp(max=len(ids) - 1)
+        sel = ids[pos] == dev
+        if not bool(sel.any()):
+            return params["weight"].sum() * 0.0
+        target_w = weight[pos[sel]].to(params["weight"].device)
+        target_b = bias[pos[sel]].to(params["bias"].device)
+        sel = sel.to(params["weight"].device)
+        dist = ((params["weight"][sel] - target_w) ** 2).sum((1, 2)) + ((params["bias"][sel] - target_b) ** 2).sum(1)
+        return self.cfg.optimum_weight * dist.mean() / scale
+
+    def loss(self, batch: FeatureBatch) -> tuple[torch.Tensor, dict[str, float]]:
+        params = self.adapt(self.upload(batch))
+        ce = nn.functional.cross_entropy(self.predict(batch.f_g, params), batch.label, ignore_index=-100)
+        logs = {"ce": ce.item()}
+        term = self.optimum_term(params, batch.device)
+        if term is None:
+            return ce, logs
+        logs["optimum"] = term.item()
+        total = ce + term
+        logs["loss"] = total.item()
+        return total, logs
 
     def driver(self, upload: torch.Tensor) -> torch.Tensor:
         return self.projector(upload)

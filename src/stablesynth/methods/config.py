@@ -49,6 +49,12 @@ class MethodConfig(Config):
     fusion_direction: Literal["feature_pattern", "template_pattern"] = "feature_pattern"
     template_select: Literal["nearest", "soft"] = "nearest"
     select_temperature: float = Field(0.1, gt=0)
+    #: Weight of the device-optimum term in a hypernetwork's stage-2 loss: the mean squared distance of
+    #: each clip's generated Θ_d to its device's per-device last-layer optimum (``device_optima.py``,
+    #: fitted on that device's training history), over the mean squared distance of those optima to
+    #: the global head. The target is the same for every clip of a device, so the term rewards a Θ_d
+    #: that follows the camera rather than the clip's content. 0: off (the paper's loss).
+    optimum_weight: float = Field(0.0, ge=0)
     # optimisation (stage 2)
     #: What stage 2 trains in a hypernetwork method: ``adaptation`` (the projector, the generator's
     #: modulating layers and the templates; the static head and the base Θ keep their stage-1 values)

@@ -60,10 +60,14 @@ class StableSynthNet(HyperMethod):
     def loss(self, batch: FeatureBatch) -> tuple[torch.Tensor, dict[str, float]]:
         cfg = self.cfg
         d = self.driver(self.upload(batch))
-        logits = self.predict(batch.f_g, self.generator(d))
+        params = self.generator(d)
+        logits = self.predict(batch.f_g, params)
         ce = nn.functional.cross_entropy(logits, batch.label, ignore_index=-100)
         total = ce
         logs = {"ce": ce.item()}
+        if (term := self.optimum_term(params, batch.device)) is not None:
+            total = total + term
+            logs["optimum"] = term.item()
         if cfg.contrastive or cfg.variance:
             # The variance penalty acts on the contrastive ℓ_i, so they are computed for either module.
             cl, per_sample, valid = driver_contrastive_loss(d, batch.category, cfg.margin, cfg.temperature)
