@@ -53,3 +53,15 @@ def test_a_stage1_checkpoint_from_before_an_option_existed_is_kept_at_its_defaul
     ckpt = save_checkpoint(tmp_path / "strict", {"w": torch.zeros(1)}, {"kind": "stage1", "config": before})
     drop_stale_checkpoint(ckpt, {"config": Stage1Config().to_dict()}, lambda *_: None)  # no type: compared as is
     assert not ckpt.exists()
+
+
+def test_a_method_checkpoint_from_before_an_option_existed_is_reused_at_its_default() -> None:
+    from stablesynth.experiment.workspace import _same_config
+
+    cfg = MethodConfig()
+    old = cfg.to_dict()
+    del old["optimum_weight"]  # written before the option existed
+    assert _same_config(old, cfg)
+    assert not _same_config({**old, "lr": cfg.lr * 2}, cfg)
+    assert not _same_config({**old, "optimum_weight": 1.0}, cfg)
+    assert not _same_config({"lr": "fast"}, cfg) and not _same_config(None, cfg)
