@@ -73,9 +73,14 @@ def test_simulated_devices_never_share_ids_with_real_ones(study, tmp_path):
     assert sorted(batch.device.unique().tolist()) == [SIMULATED_ID_BASE + i for i in range(3)]
 
 
-def test_bad_seeds_refused(tmp_path, capsys):
-    with pytest.raises(SystemExit) as exc:
-        main(["bench", "headroom", "--out", str(tmp_path / "x"), "--seeds", "0"])
-    assert exc.value.code == 2
+@pytest.mark.parametrize("argv, named", [(["--seeds", "0"], "--seeds"), (["--only", "nope"], "--only nope")])
+def test_bad_arguments_refused_before_anything_is_written(tmp_path, capsys, argv, named):
+    out = tmp_path / "x"
+    try:
+        code = main(["bench", "headroom", "--out", str(out), *argv])
+    except SystemExit as exc:  # argparse's own refusals
+        code = exc.code
+    assert code == 2
     err = capsys.readouterr().err
-    assert "--seeds" in err and "Traceback" not in err
+    assert named in err and "Traceback" not in err
+    assert not out.exists()

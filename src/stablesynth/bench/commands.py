@@ -126,6 +126,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     hr.add_argument("--config", type=Path, default=Path("harsh"),
                     help="the run config (default: harsh, the profile the study is about)")
     hr.add_argument("--seeds", type=int_at_least("--seeds", 1), default=3, help="benchmark seeds (default 3)")
+    hr.add_argument("--only", nargs="+", default=None, metavar="KEY",
+                    help="train and score only these candidates (default: all; the keys are headroom.json's "
+                         "method keys, e.g. fine_tune stablesynth stablesynth+opt10 stablesynth+sim256)")
     add_device_argument(hr)
     hr.set_defaults(func=_headroom)
 
@@ -151,10 +154,17 @@ def _ablate(args: argparse.Namespace) -> int:
 
 
 def _headroom(args: argparse.Namespace) -> int:
-    from stablesynth.bench.headroom import HEADROOM_FILE, PLOT_FILE, format_table, run_headroom_bench
+    from stablesynth.bench.headroom import (
+        HEADROOM_FILE,
+        PLOT_FILE,
+        format_table,
+        run_headroom_bench,
+        select_candidates,
+    )
     from stablesynth.experiment.demo import load_run_config
 
-    summary = run_headroom_bench(load_run_config(args.config), args.out, seeds=args.seeds, device=args.device)
+    summary = run_headroom_bench(load_run_config(args.config), args.out, seeds=args.seeds, device=args.device,
+                                 candidates=select_candidates(args.only))
     print(format_table(summary))
     print(f"wrote {args.out / HEADROOM_FILE} and {args.out / PLOT_FILE} in {summary['seconds']:.0f} s")
     return 0

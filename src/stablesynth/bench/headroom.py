@@ -97,6 +97,17 @@ CANDIDATES: tuple[Candidate, ...] = (
 SIMULATED_VALIDATION = (32, 20)
 
 
+def select_candidates(keys: Sequence[str] | None) -> tuple[Candidate, ...]:
+    """The candidates named by ``keys`` (all with None), in :data:`CANDIDATES`' order; an unknown key is an error."""
+    if not keys:
+        return CANDIDATES
+    known = {c.key for c in CANDIDATES}
+    unknown = [k for k in keys if k not in known]
+    if unknown:
+        raise ValueError(f"--only {unknown[0]}: no such candidate (known: {', '.join(c.key for c in CANDIDATES)})")
+    return tuple(c for c in CANDIDATES if c.key in set(keys))
+
+
 def seed_folder(out: Path, k: int) -> Path:
     """The demo's folder of seed ``k`` (``stablesynth demo --seeds``'s layout)."""
     return out if k == 0 else out / "seeds" / str(k)
