@@ -20,8 +20,10 @@ thread, as in tests, has no signals and no drain).
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import contextlib
+import math
 import signal
 import threading
 import time
@@ -38,12 +40,23 @@ PROBE_PATHS = frozenset({"/healthz", "/readyz", "/metrics", "/v2/health/live", "
 _SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
 
+def parse_drain_timeout(text: str) -> float:
+    """argparse ``type`` of ``--drain-timeout``: a finite number of seconds >= 0."""
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--drain-timeout {text!r}: not a number") from None
+    if not math.isfinite(v) or v < 0:
+        raise argparse.ArgumentTypeError(f"--drain-timeout {text!r}: must be a finite number of seconds >= 0")
+    return v
+
+
 class Drain:
     """The drain of one serving process: request bookkeeping (as ASGI middleware) and the signal handling."""
 
     def __init__(self, drain_timeout: float) -> None:
-        if not drain_timeout >= 0:
-            raise ValueError(f"drain_timeout must be >= 0, got {drain_timeout}")
+        if not 0 <= drain_timeout < math.inf:
+            raise ValueError(f"drain_timeout must be a finite number >= 0, got {drain_timeout}")
         self.drain_timeout = drain_timeout
         self.draining = False
         self.in_flight = 0
@@ -79,6 +92,8 @@ class Drain:
 
     def _signalled(self, sig: int, frame: FrameType | None) -> None:
         if self.draining or self.drain_timeout == 0:
+            if self._task is not None:
+                self._task.cancel()
             self._exit(sig, frame)  # a second signal: stop waiting
             return
         self.draining = True

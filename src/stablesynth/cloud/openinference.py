@@ -283,18 +283,23 @@ def infer_reply(cloud: CloudModel, request: InferRequest, frames: Sequence[memor
     """The V2 reply: each requested output, the rows' slices of the native frames, as JSON data or binary."""
     by_name = {o.name: o for o in layout}
     batch = len(frames)
-    described, binary = [], []
+    described: list[dict[str, Any]] = []
+    spans: list[list[int]] = []  # [frame, start, end] of the binary section, in order
     for name, as_binary in request.outputs:
         o = by_name[name]
-        parts = [f[o.offset:o.offset + o.nbytes] for f in frames]
         entry: dict[str, Any] = {"name": name, "datatype": DATATYPE, "shape": [batch, *o.shape]}
         if as_binary:
             entry["parameters"] = {"binary_data_size": o.nbytes * batch}
-            binary.extend(parts)
+            for i in range(batch):
+                if spans and spans[-1][0] == i and spans[-1][2] == o.offset:
+                    spans[-1][2] += o.nbytes  # the next tensor of the same frame: one buffer to send
+                else:
+                    spans.append([i, o.offset, o.offset + o.nbytes])
         else:
             # float32 → Python float is exact, and so is its repr: the JSON carries the same bits.
-            entry["data"] = [v for p in parts for v in np.frombuffer(p, "<f4").tolist()]
+            entry["data"] = [v for f in frames for v in np.frombuffer(f[o.offset:o.offset + o.nbytes], "<f4").tolist()]
         described.append(entry)
+    binary = [frames[i][lo:hi] for i, lo, hi in spans]
     reply: dict[str, Any] = {"model_name": cloud.model_id, "model_version": cloud.version, "outputs": described}
     if request.request_id is not None:
         reply["id"] = request.request_id
