@@ -10,6 +10,7 @@ Endpoints (all replies to errors are JSON ``{"error": code, "detail": text}``):
 - ``POST /v1/noop[?bytes=N]``: parses the upload like ``adapt``, no model call; returns the
   upload, or N zero bytes (a reply of the same size as an adapt reply).
 - ``GET /v1/models``, ``GET /healthz``, ``GET /readyz``, ``GET /metrics``.
+- ``/v2/...``: the Open Inference Protocol (KServe V2), see :mod:`stablesynth.cloud.openinference`.
 
 Concurrent ``adapt`` requests are batched per model (:mod:`stablesynth.cloud.batching`);
 a request whose own output cannot be sent gets a 422 without touching the others.

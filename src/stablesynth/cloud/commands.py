@@ -21,7 +21,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "serve", help="serve checkpoints over HTTP (cloud side)",
         description="Serve one or more method checkpoints: POST /v1/models/{id}/adapt takes one 192-float "
                     "frame feature and returns the device's last-layer parameters as a binary frame. "
-                    "Also /v1/noop, /v1/models, /healthz, /readyz, /metrics and /docs.")
+                    "Also /v1/noop, /v1/models, /healthz, /readyz, /metrics, /docs and the Open Inference Protocol "
+                    "(KServe V2) under /v2.")
     serve.add_argument("--checkpoint", type=Path, action="append", required=True, metavar="DIR",
                        help="method checkpoint directory (repeat to serve several models)")
     serve.add_argument("--host", default="127.0.0.1", help="interface to bind (default: loopback only)")
