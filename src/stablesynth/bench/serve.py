@@ -11,6 +11,9 @@ Rows, all measured in the same run against the same server process:
 - ``noop-fp32``, ``noop-fp16``, ``noop-int8``  ``/v1/noop?bytes=N`` with N the size of that
                   encoding's reply: moving the same bytes with no model call, checksum or
                   serialisation, so each encoding's row is judged against its own size;
+- ``v2-binary``   the same Θ_d (fp32) through the Open Inference Protocol (``POST /v2/models/{m}/infer``),
+                  upload and outputs in the binary tensor extension: judged against ``adapt-fp32``;
+- ``v2-json``     the same with JSON tensors in and out (145,597 numbers of text per reply at K = 1501);
 - ``duet-full``   DUET's full linear generator at the same K; its factors are Θ_d, so its reply is
                   the fp32 Θ_d whatever the device asks for;
 - ``in-process``  ``method.adapt()`` called directly, batch 1, one PyTorch thread (no HTTP).
@@ -136,6 +139,9 @@ GOAL_NOOP_RATIO = 0.85  # factors vs the 768 B no-op
 GOAL_SAME_SIZE_RATIO = 0.8  # each Θ_d encoding vs the no-op of its reply's size
 GOAL_DUET_RATIO = 5.0  # compact encodings vs DUET's full generator
 GOAL_P50_MS = 2.0
+#: The V2 binary route against the native fp32 route (the same Θ_d): p50 at c = 1, adaptations/s at the top c.
+GOAL_V2_P50_RATIO = 1.3
+GOAL_V2_RATE_RATIO = 0.75
 #: Rows judged against the goals, and the no-op row each is compared with.
 JUDGED = {"adapt": "noop", "adapt-fp32": "noop-fp32", "adapt-fp16": "noop-fp16", "adapt-int8": "noop-int8"}
 #: Rows that must beat DUET-full by GOAL_DUET_RATIO (the compact replies).
@@ -149,6 +155,22 @@ def _reply_sizes(method: Any, model_id: str) -> dict[str, int]:
     with torch.inference_mode():
         params = {k: v[0] for k, v in method.adapt(torch.zeros(1, 192)).items()}
     return {enc: len(framing.encode(params, enc, model_id, "0" * 12)) for enc in ("fp32", "fp16", "int8")}
+
+
+def v2_requests() -> dict[str, tuple[bytes, dict[str, str], str]]:
+    """The V2 rows' requests for the benchmark's upload: body, extra headers, content type."""
+    from stablesynth.cloud.openinference import HEADER_LENGTH, INPUT_NAME
+    from stablesynth_device.wire import uploads
+
+    x = torch.randn(192, generator=torch.Generator().manual_seed(0))
+    raw = uploads.encode_upload(x)
+    head = json.dumps({"inputs": [{"name": INPUT_NAME, "shape": [1, 192], "datatype": "FP32",
+                                   "parameters": {"binary_data_size": len(raw)}}],
+                       "parameters": {"binary_data_output": True}}).encode()
+    as_json = json.dumps({"inputs": [{"name": INPUT_NAME, "shape": [1, 192], "datatype": "FP32",
+                                      "data": np.frombuffer(raw, "<f4").tolist()}]}).encode()
+    return {"v2-binary": (head + raw, {HEADER_LENGTH: str(len(head))}, "application/octet-stream"),
+            "v2-json": (as_json, {}, "application/json")}
 
 
 def run_serve_benchmark(checkpoint: Path | None, out: Path | None, requests: int = 300,
@@ -184,14 +206,17 @@ def run_serve_benchmark(checkpoint: Path | None, out: Path | None, requests: int
                 targets += [(f"noop-{enc}", f"/v1/noop?bytes={sizes[enc]}"),
                             (f"adapt-{enc}", f"/v1/models/{main_id}/adapt?encoding={enc}")]
             targets.append(("duet-full", f"/v1/models/{duet_id}/adapt?encoding=fp32"))
+            v2 = v2_requests()
+            targets += [(name, f"/v2/models/{main_id}/infer") for name in v2]
             with LoadGenerator("127.0.0.1", port, processes=clients) as load:
                 for conc in concurrency:
                     for name, path in targets:
+                        req_body, headers, ctype = v2.get(name, (body, {}, "application/octet-stream"))
                         n_warm = warmup if warmup is not None else min(requests, max(50, 4 * conc))
-                        load.run(path, body, n_warm, conc, time_cap_s)
+                        load.run(path, req_body, n_warm, conc, time_cap_s, headers, ctype)
                         cpu0, ccpu0 = _cpu_seconds(proc.pid), load.cpu_seconds()
                         wcpu0 = _worker_cpu_seconds(proc.pid)
-                        row = load.run(path, body, requests, conc, time_cap_s)
+                        row = load.run(path, req_body, requests, conc, time_cap_s, headers, ctype)
                         # CPU seconds over the load window (connection set-up is outside it but cheap).
                         srv, cli = _cpu_seconds(proc.pid) - cpu0, load.cpu_seconds() - ccpu0
                         wall = max(row["wall_s"], 1e-9)
@@ -259,6 +284,18 @@ def verdicts(results: dict[str, Any]) -> list[dict[str, Any]]:
         else:
             out.append({"goal": f"p50 <= {GOAL_P50_MS:g} ms at c=1", "row": name, "met": False,
                         "detail": "not measured (concurrency 1 not in the run)"})
+    native, binary, one_native, one_binary = (by.get(("adapt-fp32", top)), by.get(("v2-binary", top)),
+                                              by.get(("adapt-fp32", 1)), by.get(("v2-binary", 1)))
+    if native and binary and native["per_s"]:
+        ratio = binary["per_s"] / native["per_s"]
+        out.append({"goal": f"adapt/s >= {GOAL_V2_RATE_RATIO} x adapt-fp32", "row": "v2-binary",
+                    "met": ratio >= GOAL_V2_RATE_RATIO,
+                    "detail": f"c={top}: {binary['per_s']:.0f}/s vs adapt-fp32 {native['per_s']:.0f}/s = {ratio:.2f}x"})
+    if one_native and one_binary:
+        ratio = one_binary["p50_ms"] / one_native["p50_ms"]
+        out.append({"goal": f"p50 <= {GOAL_V2_P50_RATIO} x adapt-fp32 at c=1", "row": "v2-binary",
+                    "met": ratio <= GOAL_V2_P50_RATIO,
+                    "detail": f"p50 {one_binary['p50_ms']:.2f} ms vs {one_native['p50_ms']:.2f} ms = {ratio:.2f}x"})
     errs = sum(r["errors"] for r in http)
     out.append({"goal": "zero errors", "row": "all", "met": errs == 0,
                 "detail": f"{errs} errors in {sum(r['requests'] for r in http)} requests"})

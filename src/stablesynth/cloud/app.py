@@ -10,6 +10,7 @@ Endpoints (all replies to errors are JSON ``{"error": code, "detail": text}``):
 - ``POST /v1/noop[?bytes=N]``: parses the upload like ``adapt``, no model call; returns the
   upload, or N zero bytes (a reply of the same size as an adapt reply).
 - ``GET /v1/models``, ``GET /healthz``, ``GET /readyz``, ``GET /metrics``.
+- ``/v2/...``: the Open Inference Protocol (KServe V2), see :mod:`stablesynth.cloud.openinference`.
 
 Concurrent ``adapt`` requests are batched per model (:mod:`stablesynth.cloud.batching`);
 a request whose own output cannot be sent gets a 422 without touching the others.
@@ -35,8 +36,11 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, H
 from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from stablesynth.cloud import openinference
 from stablesynth.cloud.batching import Batcher, OutputError, ShutdownError
+from stablesynth.cloud.drain import Drain
 from stablesynth.cloud.model import CloudModel
+from stablesynth.cloud.workermetrics import exposition_registry
 from stablesynth_device.wire import protocol, uploads
 from stablesynth_device.wire.protocol import ENCODINGS, MEDIA_TYPE, VERSION_HEADER
 
@@ -193,7 +197,8 @@ def _negotiate(request: Request, model: CloudModel) -> str:
 def create_app(models: Mapping[str, CloudModel], token: str | None = None, max_batch: int = 64,
                max_wait_ms: float = 0.0, max_body_bytes: int = DEFAULT_MAX_BODY,
                inline_ms: float = 1.0, opentelemetry: bool = False, freeze_gc: bool = False,
-               encode_threads: int = 2) -> FastAPI:
+               encode_threads: int = 2,
+               drain_timeout: float = 0.0) -> FastAPI:
     """The ASGI app serving ``models`` (keyed by model id); see :class:`_Batcher` for the batching knobs.
 
     ``opentelemetry`` keeps FastAPI's OpenTelemetry instrumentation (off by default: it costs
@@ -202,6 +207,7 @@ def create_app(models: Mapping[str, CloudModel], token: str | None = None, max_b
     :func:`serve` turns it on, an app embedded in another process leaves the collector alone.
     ``encode_threads`` threads expand and encode the uploads of one batch side by side (see
     :class:`Batcher`); 1 does it in the batch's own worker thread.
+    ``drain_timeout`` > 0: SIGTERM drains the process first (:mod:`stablesynth.cloud.drain`).
     """
     if max_batch < 1:
         raise ValueError(f"max_batch must be >= 1, got {max_batch}")
@@ -223,6 +229,7 @@ def create_app(models: Mapping[str, CloudModel], token: str | None = None, max_b
                 for mid, m in models.items()}
     reply_counters: dict[str, Any] = {}
     state = {"ready": False}
+    drain = Drain(drain_timeout)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -232,6 +239,8 @@ def create_app(models: Mapping[str, CloudModel], token: str | None = None, max_b
         if freeze_gc:
             _freeze_gc()
         state["ready"] = True
+        if drain_timeout > 0:
+            drain.install()
         try:
             yield
         finally:
@@ -268,6 +277,8 @@ def create_app(models: Mapping[str, CloudModel], token: str | None = None, max_b
         return JSONResponse({"error": "invalid_request", "detail": str(exc.errors()[:1])}, status_code=422)
 
     app.add_middleware(_Metrics, latency=latency, requests_total=requests_total)
+    if drain_timeout > 0:
+        app.add_middleware(drain.middleware)
 
     def check_auth(request: Request) -> None:
         if token is None:
@@ -361,12 +372,16 @@ def create_app(models: Mapping[str, CloudModel], token: str | None = None, max_b
 
     @app.get("/readyz", responses={503: _ERR})
     async def readyz() -> Response:
-        if not state["ready"]:
-            return JSONResponse({"error": "not_ready", "detail": "batchers not started"}, status_code=503)
+        if not state["ready"] or drain.draining:
+            return JSONResponse({"error": "not_ready", "detail": "starting or draining"}, status_code=503)
         return JSONResponse({"status": "ready", "models": list(models)})
 
     @app.get("/metrics", response_class=Response)
     async def metrics() -> Response:
-        return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
+        return Response(generate_latest(exposition_registry(registry)), media_type=CONTENT_TYPE_LATEST)
+
+    openinference.register(app, models, batchers, check_auth=check_auth, max_body_bytes=max_body_bytes,
+                           is_ready=lambda: state["ready"] and not drain.draining, max_batch=max_batch,
+                           count_error=lambda code: errors_total.labels(code).inc())
 
     return app

@@ -21,7 +21,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "serve", help="serve checkpoints over HTTP (cloud side)",
         description="Serve one or more method checkpoints: POST /v1/models/{id}/adapt takes one 192-float "
                     "frame feature and returns the device's last-layer parameters as a binary frame. "
-                    "Also /v1/noop, /v1/models, /healthz, /readyz, /metrics and /docs.")
+                    "Also /v1/noop, /v1/models, /healthz, /readyz, /metrics, /docs and the Open Inference Protocol "
+                    "(KServe V2) under /v2.")
     serve.add_argument("--checkpoint", type=Path, action="append", required=True, metavar="DIR",
                        help="method checkpoint directory (repeat to serve several models)")
     serve.add_argument("--host", default="127.0.0.1", help="interface to bind (default: loopback only)")
@@ -56,6 +57,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                        help="largest request head (request line + headers) in bytes; 431 beyond (default 16384)")
     serve.add_argument("--limit-concurrency", type=int, default=1024,
                        help="open connections or requests beyond which new requests get 503 (default 1024)")
+    from stablesynth.cloud.drain import parse_drain_timeout
+
+    serve.add_argument("--drain-timeout", type=parse_drain_timeout, default=0.0, metavar="SECONDS",
+                       help="on SIGTERM, turn not-ready and finish in-flight requests for up to SECONDS before "
+                            "exiting (default 0: exit at once; behind a load balancer use e.g. 10)")
     serve.set_defaults(func=_serve)
 
     device = subparsers.add_parser(
@@ -116,6 +122,7 @@ def _serve(args: argparse.Namespace) -> int:
     spec = ServeSpec([str(c) for c in args.checkpoint], args.model_id, device,
                      resolve_token(args.token, args.token_file), args.max_batch, args.max_wait_ms,
                      args.inline_ms, args.torch_threads, limits.to_dict(), args.encode_threads)
+    spec.drain_timeout = args.drain_timeout
     models = load_models(spec.checkpoints, spec.model_id, device)  # validates before any worker starts
     for m in models.values():
         print(f"serving {m.model_id}@{m.version} ({m.method_name}, K={m.num_classes}, {device}) "

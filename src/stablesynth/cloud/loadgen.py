@@ -204,9 +204,10 @@ class LoadGenerator:
         return sum(_cpu_seconds(p.pid) for p in self.procs)
 
     def run(self, path: str, body: bytes, requests: int, concurrency: int, time_cap: float,
-            headers: dict[str, str] | None = None) -> dict[str, Any]:
+            headers: dict[str, str] | None = None,
+            content_type: str = "application/octet-stream") -> dict[str, Any]:
         """``requests`` POSTs of ``body`` over ``concurrency`` connections spread over the workers."""
-        request = build_request(self.host, self.port, path, body, headers=headers)
+        request = build_request(self.host, self.port, path, body, content_type, headers)
         n = min(len(self.procs), concurrency)
         start_at = time.monotonic() + 0.1 + 0.005 * concurrency
         for i, p in enumerate(self.procs[:n]):

@@ -28,6 +28,7 @@ import uvicorn
 from stablesynth.cloud.app import VERSION_HEADER, create_app
 from stablesynth.cloud.limits import GuardedConfig, ServeLimits
 from stablesynth.cloud.model import CloudModel, load_cloud_model, save_cloud_model
+from stablesynth.cloud.workermetrics import multiprocess_directory
 
 __all__ = ["VERSION_HEADER", "CloudModel", "ServeLimits", "ServeSpec", "create_app", "load_cloud_model",
            "load_models", "save_cloud_model", "serve", "serve_checkpoints"]
@@ -50,6 +51,8 @@ class ServeSpec:
     torch_threads: int = 1
     limits: dict[str, Any] = field(default_factory=dict)
     encode_threads: int = 2
+    #: Seconds a SIGTERM'd process may take to drain (stablesynth.cloud.drain); 0 exits at once.
+    drain_timeout: float = 0.0
 
 
 def load_models(checkpoints: Sequence[str | Path], model_id: str | None = None,
@@ -99,7 +102,8 @@ def _keep_freed_memory() -> bool:
 
 def _app_kwargs(spec: ServeSpec) -> dict[str, Any]:
     return {"token": spec.token, "max_batch": spec.max_batch, "max_wait_ms": spec.max_wait_ms,
-            "inline_ms": spec.inline_ms, "freeze_gc": True, "encode_threads": spec.encode_threads}
+            "inline_ms": spec.inline_ms, "freeze_gc": True, "encode_threads": spec.encode_threads,
+            "drain_timeout": spec.drain_timeout}
 
 
 def app_from_environment() -> Any:
@@ -113,7 +117,8 @@ def app_from_environment() -> Any:
 
 def serve(models: Mapping[str, CloudModel], host: str = "127.0.0.1", port: int = 8000,
           token: str | None = None, max_batch: int = 64, max_wait_ms: float = 0.0, inline_ms: float = 1.0,
-          torch_threads: int = 1, limits: ServeLimits | None = None, encode_threads: int = 2) -> None:
+          torch_threads: int = 1, limits: ServeLimits | None = None, encode_threads: int = 2,
+          drain_timeout: float = 0.0) -> None:
     """Run the app for already loaded ``models`` with uvicorn in the foreground (one process).
 
     ``torch_threads`` sets PyTorch's intra-op threads for this process. One is the right
@@ -127,8 +132,9 @@ def serve(models: Mapping[str, CloudModel], host: str = "127.0.0.1", port: int =
     _raise_fd_limit()
     _keep_freed_memory()
     app = create_app(models, token=token, max_batch=max_batch, max_wait_ms=max_wait_ms, inline_ms=inline_ms,
-                     freeze_gc=True, encode_threads=encode_threads)
-    config = GuardedConfig(app, limits=limits, host=host, port=port, log_level="warning", access_log=False)
+                     freeze_gc=True, encode_threads=encode_threads, drain_timeout=drain_timeout)
+    config = GuardedConfig(app, limits=limits, host=host, port=port, log_level="warning", access_log=False,
+                           **_drain_config(drain_timeout))
     uvicorn.Server(config).run()
 
 
@@ -141,13 +147,20 @@ def serve_checkpoints(spec: ServeSpec, host: str = "127.0.0.1", port: int = 8000
     if workers == 1:
         loaded = models if models is not None else load_models(spec.checkpoints, spec.model_id, spec.device)
         serve(loaded, host, port, spec.token, spec.max_batch, spec.max_wait_ms, spec.inline_ms,
-              spec.torch_threads, limits, spec.encode_threads)
+              spec.torch_threads, limits, spec.encode_threads, spec.drain_timeout)
         return
     from uvicorn.supervisors import Multiprocess
 
     _raise_fd_limit()
     os.environ[SPEC_ENV] = json.dumps(asdict(spec))  # inherited by the workers, not on any command line
     config = GuardedConfig("stablesynth.cloud.server:app_from_environment", limits=limits, factory=True,
-                           host=host, port=port, workers=workers, log_level="warning", access_log=False)
+                           host=host, port=port, workers=workers, log_level="warning", access_log=False,
+                           **_drain_config(spec.drain_timeout))
     sock = config.bind_socket()
-    Multiprocess(config, sockets=[sock]).run()
+    with multiprocess_directory():  # before the workers start: they read it at import
+        Multiprocess(config, sockets=[sock]).run()
+
+
+def _drain_config(drain_timeout: float) -> dict[str, Any]:
+    # After the drain, uvicorn waits as long again for requests that arrived at its very end.
+    return {"timeout_graceful_shutdown": drain_timeout} if drain_timeout > 0 else {}
