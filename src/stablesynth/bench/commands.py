@@ -6,7 +6,7 @@ import argparse
 from pathlib import Path
 
 from stablesynth.accelerator import add_device_argument
-from stablesynth_device.argtypes import int_at_least
+from stablesynth_device.argtypes import existing_dir, int_at_least, output_dir, positive_float
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -37,13 +37,16 @@ def register(sub: argparse._SubParsersAction) -> None:
         description=("Starts the server on 127.0.0.1 in a subprocess and drives it with a bounded load "
                      "generator at several concurrency levels; compares the adapt endpoint with a no-op endpoint "
                      "of the same server, the in-process call and DUET's full generator."))
-    sv.add_argument("--checkpoint", type=Path, default=None,
+    sv.add_argument("--checkpoint", type=existing_dir("--checkpoint"), default=None,
                     help="a method checkpoint (default: an untrained K=1501 model, the paper's size)")
-    sv.add_argument("--out", type=Path, default=None, help="write serve.json here")
-    sv.add_argument("--requests", type=int, default=4000, help="requests per concurrency level (bounded)")
-    sv.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 64])
-    sv.add_argument("--time-cap", type=float, default=20.0, help="seconds per row at most (default 20)")
-    sv.add_argument("--clients", type=int, default=2, help="load-generator processes (default 2)")
+    sv.add_argument("--out", type=output_dir("--out"), default=None, help="write serve.json in this folder")
+    sv.add_argument("--requests", type=int_at_least("--requests", 1), default=4000,
+                    help="requests per concurrency level (bounded)")
+    sv.add_argument("--concurrency", type=int_at_least("--concurrency", 1), nargs="+", default=[1, 8, 64])
+    sv.add_argument("--time-cap", type=positive_float("--time-cap"), default=20.0,
+                    help="seconds per row at most (default 20)")
+    sv.add_argument("--clients", type=int_at_least("--clients", 1), default=2,
+                    help="load-generator processes (default 2)")
     sv.set_defaults(func=_serve)
 
     tr = bsub.add_parser(
