@@ -175,7 +175,8 @@ def _check_tls(certfile: Path | None, keyfile: Path | None) -> dict[str, str]:
     import ssl
 
     try:
-        ssl.create_default_context(ssl.Purpose.CLIENT_AUTH).load_cert_chain(certfile, keyfile)
+        # An empty password: an encrypted key is refused here instead of prompting on the terminal.
+        ssl.create_default_context(ssl.Purpose.CLIENT_AUTH).load_cert_chain(certfile, keyfile, password=b"")
     except (ssl.SSLError, OSError) as exc:
         raise ValueError(f"--ssl-certfile {certfile} / --ssl-keyfile {keyfile}: not a matching PEM certificate "
                          f"and key ({exc})") from None
