@@ -171,8 +171,9 @@ def run_serve_benchmark(checkpoint: Path | None, out: Path | None, requests: int
         results["num_classes"] = int(method.num_classes) if hasattr(method, "num_classes") else None
         port = _free_port()
         url = f"http://127.0.0.1:{port}"
+        # The load generator is one client address: the per-address budget must not shed it.
         cmd = [sys.executable, "-m", "stablesynth.cloud.commands", "serve", "--host", "127.0.0.1",
-               "--port", str(port)]
+               "--port", str(port), "--max-connections-per-client", str(max(1024, *concurrency))]
         for c in ckpts:
             cmd += ["--checkpoint", str(c)]
         proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
