@@ -21,11 +21,11 @@ never finishes its headers or its body forever, and buffers headers of any size.
   that stops reading would hold its connection and a 582 KB reply forever;
 - what waits to be sent is the reply's own bytes, never a view of a buffer it shares with
   other replies (:class:`UnpinnedTransport`): Θ_d frames are written a few to a buffer, so a
-  client that stops reading would otherwise keep its group's 3 MB, not its 582 KB.
-
+  client that stops reading would otherwise keep its group's 3 MB, not its 582 KB;
 - one peer address holds at most ``max_connections_per_client`` connections at once; beyond
   that a new connection gets 503 and is closed, so one client's idle connections cannot take
-  the ``limit_concurrency`` slots of the others (counted per server process);
+  the ``limit_concurrency`` slots of the others (counted per server process: with ``--workers
+  N`` an address may hold up to N times as many);
 - a reply sent before its request's body has arrived (a 401 or 413 that did not read the body)
   closes the connection (``connection: close``) instead of reading and discarding the body.
 
