@@ -189,8 +189,6 @@ def _export(args: argparse.Namespace) -> int:
     from stablesynth.cloud.server import load_cloud_model
 
     run_dir = args.run_dir or args.checkpoint.resolve().parent.parent
-    if not args.checkpoint.is_dir():
-        raise ValueError(f"--checkpoint {args.checkpoint}: not a checkpoint directory")
     model = load_cloud_model(args.checkpoint)
     stage1, manifest = load_encoder(run_dir)
     bench = load_benchmark(run_dir, manifest.get("benchmark"))
