@@ -232,3 +232,34 @@ def test_an_idle_flood_from_one_address_does_not_refuse_another(cloud: CloudMode
             flood.join(30)
     assert stats["opened"] >= 2900, stats
     assert ok >= 198, (ok, stats)
+
+
+HOSTILE = [
+    b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03" + b"\0" * 64,  # a TLS ClientHello on the plain port
+    b"GARBAGE\r\n\r\n",
+    b"GET /v1/models HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n",
+    b"POST /v1/noop HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n",
+    b"POST /v1/noop HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n",
+    b"GET /\xff\xfe HTTP/1.1\r\nHost: x\r\n\r\n",
+    b"GET /v1/models/%ff/adapt HTTP/1.1\r\nHost: x\r\n\r\n",
+    b"POST /v1/models/easyvqa/adapt HTTP/1.1\r\nHost: x\r\nContent-Length: -1\r\n\r\n",
+    b"POST /v1/models/easyvqa/adapt HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer " + TOKEN.encode()
+    + b"\r\nContent-Type: application/json\r\nContent-Length: 9\r\n\r\n{\"feat",  # then gone
+    b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\nGET /healthz HTTP/1.1\r\nHost: x\r\n\r\n\x00\x01",
+]
+
+
+def test_hostile_bytes_leave_no_error_in_the_log_and_no_500(server: Any, server_log: _Records) -> None:
+    for data in HOSTILE:
+        s = _connect(server.port)
+        with contextlib.suppress(OSError):
+            s.sendall(data)
+            _read_until_closed(s, 0.3)
+        s.close()
+    time.sleep(0.3)
+    r = httpx.post(server.url + "/v1/noop", content=np.zeros(192, "<f4").tobytes(), timeout=5,
+                   headers={**OCTET, "Authorization": f"Bearer {TOKEN}"})
+    assert r.status_code == 200
+    assert 'status="500"' not in httpx.get(server.url + "/metrics", timeout=5).text
+    bad = [r.getMessage() for r in server_log.records if r.levelno >= logging.ERROR or r.exc_info]
+    assert not bad, bad
