@@ -1,4 +1,5 @@
-"""argparse ``type`` functions whose errors name the flag; shared by both command lines.
+"""argparse ``type`` functions whose errors name the flag, and a parser whose refusals are one
+line; shared by both command lines.
 
 The device package may not import ``stablesynth``, so the one copy lives here and the full
 package's command line imports it.
@@ -10,6 +11,15 @@ import argparse
 import math
 from collections.abc import Callable
 from pathlib import Path
+from typing import NoReturn
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """An ArgumentParser that refuses bad input in one line naming the flag, exit status 2
+    (argparse prints its usage block first; ``--help`` still shows it). Subparsers inherit the class."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
 
 
 def positive_float(flag: str) -> Callable[[str], float]:

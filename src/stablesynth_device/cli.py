@@ -15,7 +15,7 @@ import sys
 import time
 from typing import Any
 
-from stablesynth_device.argtypes import existing_dir, existing_file, int_at_least, positive_float
+from stablesynth_device.argtypes import OneLineParser, existing_dir, existing_file, int_at_least, positive_float
 from stablesynth_device.bundle import Bundle, BundleError
 from stablesynth_device.frames import FrameError
 from stablesynth_device.runtime import InputError
@@ -52,7 +52,7 @@ def _server_url(text: str) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = OneLineParser(
         prog="stablesynth-device",
         description="The device half of StableSynthNet: encode a clip with ONNX Runtime, upload one 192-float "
                     "frame feature, get the last layer's weights from the cloud, predict. No PyTorch needed.")

@@ -287,9 +287,9 @@ def format_table(results: dict[str, Any]) -> str:
 def main(argv: list[str] | None = None) -> int:
     import argparse
 
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    from stablesynth_device.argtypes import existing_dir, int_at_least, output_dir, positive_float
+    from stablesynth_device.argtypes import OneLineParser, existing_dir, int_at_least, output_dir, positive_float
 
+    p = OneLineParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", type=existing_dir("--checkpoint"), default=None)
     p.add_argument("--out", type=output_dir("--out"), default=None)
     p.add_argument("--requests", type=int_at_least("--requests", 1), default=300)

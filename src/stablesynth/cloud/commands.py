@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 from stablesynth_device.argtypes import (
+    OneLineParser,
     existing_dir,
     existing_file,
     int_at_least,
@@ -239,7 +240,7 @@ def main(argv: list[str] | None = None) -> int:
     (a server process that imports nothing of training or evaluation)."""
     from stablesynth.commandline import run_parsed
 
-    parser = argparse.ArgumentParser(prog="stablesynth-serving")
+    parser = OneLineParser(prog="stablesynth-serving")
     register(parser.add_subparsers(dest="command", metavar="COMMAND"))
     return run_parsed(parser, argv)
 
