@@ -338,5 +338,9 @@ def load_module_state(directory: str | Path, module: nn.Module,
             raise CheckpointError(f"checkpoint {directory} does not fit {type(module).__name__}: "
                                   f"key {name!r} has shape {list(tensors[name].shape)}, "
                                   f"the module expects {list(value.shape)}")
+        if tensors[name].dtype != value.dtype:  # load_state_dict would cast it silently
+            raise CheckpointError(f"checkpoint {directory} does not fit {type(module).__name__}: "
+                                  f"key {name!r} is {_dtype_name(tensors[name].dtype)}, "
+                                  f"the module holds {_dtype_name(value.dtype)}")
     module.load_state_dict(tensors, strict=True)
     return manifest

@@ -12,6 +12,7 @@ import os
 import sys
 
 from stablesynth.commandline import run_parsed
+from stablesynth_device.argtypes import OneLineParser
 
 # Nothing in this project may reach a model hub; tokenizers and weights load from local paths.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -28,7 +29,7 @@ COMMAND_MODULES = (
 def build_parser() -> argparse.ArgumentParser:
     from stablesynth import __version__
 
-    parser = argparse.ArgumentParser(
+    parser = OneLineParser(
         prog="stablesynth",
         description=(
             "StableSynthNet: a cloud hypernetwork turns ONE uploaded 192-float frame feature into the "

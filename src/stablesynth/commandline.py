@@ -14,7 +14,10 @@ import sys
 
 def run_parsed(parser: argparse.ArgumentParser, argv: list[str] | None = None) -> int:
     """Parse ``argv``, call the chosen subcommand's ``func`` and turn user errors into one line."""
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # argparse's refusal (already printed) or --help: its status is ours
+        return exc.code if isinstance(exc.code, int) else 2
     if not getattr(args, "func", None):
         parser.print_help()
         return 2

@@ -13,10 +13,9 @@ import argparse
 import json
 import sys
 import time
-from pathlib import Path
 from typing import Any
 
-from stablesynth_device.argtypes import int_at_least, positive_float
+from stablesynth_device.argtypes import OneLineParser, existing_dir, existing_file, int_at_least, positive_float
 from stablesynth_device.bundle import Bundle, BundleError
 from stablesynth_device.frames import FrameError
 from stablesynth_device.runtime import InputError
@@ -43,8 +42,17 @@ def _question(text: str) -> str:
     return text
 
 
+def _server_url(text: str) -> str:
+    from stablesynth_device.client import check_server_url
+
+    try:
+        return check_server_url(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"--server {exc}") from None
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = OneLineParser(
         prog="stablesynth-device",
         description="The device half of StableSynthNet: encode a clip with ONNX Runtime, upload one 192-float "
                     "frame feature, get the last layer's weights from the cloud, predict. No PyTorch needed.")
@@ -55,18 +63,19 @@ def build_parser() -> argparse.ArgumentParser:
                     "cloud, decode Θ_d and predict. On a timeout, a refusal, or a reply that is corrupt or for "
                     "another model, the device predicts with its last good Θ_d or the bundle's global one and "
                     "says why. --video needs PyAV: pip install 'stablesynth-device[video]'.")
-    p.add_argument("--bundle", type=Path, required=True, metavar="DIR",
+    p.add_argument("--bundle", type=existing_dir("--bundle"), required=True, metavar="DIR",
                    help="device bundle (written by stablesynth device export)")
     src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--frames", type=Path, metavar="DIR",
+    src.add_argument("--frames", type=existing_dir("--frames"), metavar="DIR",
                      help="folder of RGB frames at the bundle's image size, read in name order (png, jpg, ...)")
-    src.add_argument("--video", type=Path, metavar="FILE",
+    src.add_argument("--video", type=existing_file("--video"), metavar="FILE",
                      help="a video file: evenly spaced frames, centre-cropped and resized (needs PyAV)")
-    src.add_argument("--npy", type=Path, metavar="FILE",
+    src.add_argument("--npy", type=existing_file("--npy"), metavar="FILE",
                      help="frames as a .npy array [F, S, S, 3] or [F, 3, S, S], uint8 0-255 or float 0-1")
     p.add_argument("--question", type=_question, required=True, metavar="TEXT")
     where = p.add_mutually_exclusive_group(required=True)
-    where.add_argument("--server", metavar="URL", help="the cloud service, e.g. http://127.0.0.1:8000")
+    where.add_argument("--server", type=_server_url, metavar="URL",
+                       help="the cloud service, e.g. http://127.0.0.1:8000 or https://HOST:PORT")
     where.add_argument("--offline", action="store_true",
                        help="do not contact the cloud: predict with the last good Θ_d, else the global one")
     p.add_argument("--encoding", choices=ENCODINGS, default="fp32", help="how Θ_d travels (default fp32)")
@@ -80,14 +89,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--int8", action="store_true", help="use the bundle's int8 encoder")
     p.add_argument("--threads", type=int_at_least("--threads", 1), default=1, help="ONNX Runtime threads (default 1)")
     p.add_argument("--token", default=None, help=f"bearer token (visible in `ps`: prefer --token-file or ${TOKEN_ENV})")
-    p.add_argument("--token-file", type=Path, default=None, metavar="FILE",
+    p.add_argument("--token-file", type=existing_file("--token-file"), default=None, metavar="FILE",
                    help="read the token from FILE's first line")
+    p.add_argument("--ca-file", type=existing_file("--ca-file"), default=None, metavar="PEM",
+                   help="trust the https server certificates signed by these CA certificates (default: the "
+                        "system's trust store)")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of a line")
     p.set_defaults(func=_predict)
     v = sub.add_parser("verify", help="check a bundle's files and print its manifest's figures",
                        description="Verify every file of a bundle against its manifest (size and SHA-256) and "
                                    "print the model, the files and the measured parity figures.")
-    v.add_argument("--bundle", type=Path, required=True, metavar="DIR")
+    v.add_argument("--bundle", type=existing_dir("--bundle"), required=True, metavar="DIR")
     v.set_defaults(func=_verify)
     return parser
 
@@ -127,7 +139,7 @@ def predict(args: argparse.Namespace) -> dict[str, Any]:
     encode_ms = (time.perf_counter() - t0) * 1e3
     f_g = clip_feature(features, g_index)
     with AdaptClient(server, bundle, encoding=args.encoding, timeout=args.timeout, retries=args.retries,
-                     token=token) as client:
+                     token=token, ca_file=args.ca_file) as client:
         res = client.adapt(features[up])
     params, source = res.params, res.source
     res_error, bytes_down, adapt_ms, attempts = res.error, res.bytes_down, res.latency_ms, res.attempts

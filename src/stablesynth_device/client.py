@@ -14,6 +14,7 @@ from __future__ import annotations
 import concurrent.futures
 import contextlib
 import json
+import ssl
 import threading
 import time
 from dataclasses import dataclass, field
@@ -78,12 +79,15 @@ class AdaptClient:
     returns by then whatever the server does (a server that drips bytes is abandoned at the
     deadline). At most ``1 + retries`` attempts are made, only for failures that may pass
     (connection errors, timeouts, 5xx, corrupted frames). A version mismatch or a 4xx is
-    final. A reply larger than ``max_reply_bytes`` is refused while it streams in.
+    final. A reply larger than ``max_reply_bytes`` is refused while it streams in. An
+    ``https`` server must present a certificate the system trusts, or one signed by the CA
+    certificates in ``ca_file`` (PEM); a server it cannot verify is refused like one that is down.
     """
 
     def __init__(self, base_url: str | None, bundle: Bundle | str | Path, encoding: str = "fp32", timeout: float = 2.0,
                  retries: int = 2, token: str | None = None, cache_dir: str | Path | None = None,
-                 backoff_s: float = 0.05, max_reply_bytes: int | None = None) -> None:
+                 backoff_s: float = 0.05, max_reply_bytes: int | None = None,
+                 ca_file: str | Path | None = None) -> None:
         if encoding not in ENCODINGS:
             raise ValueError(f"unknown encoding {encoding!r} (known: {', '.join(ENCODINGS)})")
         if retries < 0 or not timeout > 0:
@@ -101,9 +105,15 @@ class AdaptClient:
                    VERSION_HEADER: self.bundle.model_version}
         if token:
             headers["Authorization"] = f"Bearer {token}"
+        verify: ssl.SSLContext | bool = True
+        if ca_file is not None:
+            try:
+                verify = ssl.create_default_context(cafile=str(ca_file))
+            except (ssl.SSLError, OSError) as exc:
+                raise ValueError(f"--ca-file {ca_file}: not a PEM file of CA certificates ({exc})") from None
         # No server (offline): every adaptation is the fallback.
-        self.http = (httpx.Client(base_url=check_server_url(base_url), timeout=httpx.Timeout(timeout), headers=headers)
-                     if base_url is not None else None)
+        self.http = (httpx.Client(base_url=check_server_url(base_url), timeout=httpx.Timeout(timeout), headers=headers,
+                                  verify=verify) if base_url is not None else None)
         self._decoder: GeneratorDecoder | None = None
 
     # -- lifecycle

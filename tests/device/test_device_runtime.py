@@ -237,14 +237,16 @@ def test_bad_questions_are_one_line_errors(bundle: Path, tmp_path: Path, capsys:
 
 
 def test_bad_flags_name_the_flag(bundle: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    npy = str(bundle / "manifest.json")  # exists: the flags under test are what is refused
     for flags, name in ((["--timeout", "nan"], "--timeout"), (["--threads", "0"], "--threads"),
-                        (["--retries", "-1"], "--retries"), (["--global-index", "a,b"], "--global-index")):
+                        (["--retries", "-1"], "--retries"), (["--global-index", "a,b"], "--global-index"),
+                        (["--npy", "missing.npy"], "--npy")):
         with pytest.raises(SystemExit) as exc:
-            main(["predict", "--bundle", str(bundle), "--npy", "x.npy", "--question", "q", "--offline", *flags])
+            main(["predict", "--bundle", str(bundle), "--npy", npy, "--question", "q", "--offline", *flags])
         assert exc.value.code == 2 and name in capsys.readouterr().err
-    rc, _, err = _run(["predict", "--bundle", str(bundle), "--npy", "x.npy", "--question", "q",
-                       "--server", "ftp://x"], capsys)
-    assert rc == 2 and "server URL" in err
+    with pytest.raises(SystemExit) as exc:  # refused while parsing, before anything is loaded
+        main(["predict", "--bundle", str(bundle), "--npy", npy, "--question", "q", "--server", "ftp://x"])
+    assert exc.value.code == 2 and "server URL" in capsys.readouterr().err
 
 
 def test_replies_for_another_model_or_corrupt_fall_back(bundle: Path, tmp_path: Path, cloud: Any) -> None:

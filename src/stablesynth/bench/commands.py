@@ -6,7 +6,7 @@ import argparse
 from pathlib import Path
 
 from stablesynth.accelerator import add_device_argument
-from stablesynth_device.argtypes import int_at_least
+from stablesynth_device.argtypes import existing_dir, int_at_least, output_dir, positive_float
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -23,10 +23,10 @@ def register(sub: argparse._SubParsersAction) -> None:
                      "frames, and how the encoder is trained (camera-like pretraining, stage-1 colour and shape "
                      "heads: each trains its own stage 1 in --out/ablate/). Writes "
                      "ablation.json, ablation.png and adds an Ablations section to report.md."))
-    ab.add_argument("--out", type=Path, default=Path("runs/demo"), help="the demo's output folder")
+    ab.add_argument("--out", type=output_dir("--out"), default=Path("runs/demo"), help="the demo's output folder")
     ab.add_argument("--config", type=Path, default=None, help="run config (default: the packaged demo config)")
     ab.add_argument("--quick", action="store_true", help="use the quick config")
-    ab.add_argument("--seeds", type=int, default=3, help="stage-2 seeds per variant (default 3)")
+    ab.add_argument("--seeds", type=int_at_least("--seeds", 1), default=3, help="stage-2 seeds per variant (default 3)")
     ab.add_argument("--only", nargs="*", default=None,
                     help="only these groups: reference modules templates generator stage2 frames encoder")
     add_device_argument(ab)
@@ -37,13 +37,16 @@ def register(sub: argparse._SubParsersAction) -> None:
         description=("Starts the server on 127.0.0.1 in a subprocess and drives it with a bounded load "
                      "generator at several concurrency levels; compares the adapt endpoint with a no-op endpoint "
                      "of the same server, the in-process call and DUET's full generator."))
-    sv.add_argument("--checkpoint", type=Path, default=None,
+    sv.add_argument("--checkpoint", type=existing_dir("--checkpoint"), default=None,
                     help="a method checkpoint (default: an untrained K=1501 model, the paper's size)")
-    sv.add_argument("--out", type=Path, default=None, help="write serve.json here")
-    sv.add_argument("--requests", type=int, default=4000, help="requests per concurrency level (bounded)")
-    sv.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 64])
-    sv.add_argument("--time-cap", type=float, default=20.0, help="seconds per row at most (default 20)")
-    sv.add_argument("--clients", type=int, default=2, help="load-generator processes (default 2)")
+    sv.add_argument("--out", type=output_dir("--out"), default=None, help="write serve.json in this folder")
+    sv.add_argument("--requests", type=int_at_least("--requests", 1), default=4000,
+                    help="requests per concurrency level (bounded)")
+    sv.add_argument("--concurrency", type=int_at_least("--concurrency", 1), nargs="+", default=[1, 8, 64])
+    sv.add_argument("--time-cap", type=positive_float("--time-cap"), default=20.0,
+                    help="seconds per row at most (default 20)")
+    sv.add_argument("--clients", type=int_at_least("--clients", 1), default=2,
+                    help="load-generator processes (default 2)")
     sv.set_defaults(func=_serve)
 
     tr = bsub.add_parser(
@@ -62,7 +65,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                      "stage-2 settings on the training history and scores it on the validation clips (each seen "
                      "device's last benchmark.validation_per_device history clips); the real-time clips the report "
                      "scores are never used. Writes tune.json; put the chosen values into the run config."))
-    tu.add_argument("--out", type=Path, default=Path("runs/demo"), help="the demo's output folder")
+    tu.add_argument("--out", type=output_dir("--out"), default=Path("runs/demo"), help="the demo's output folder")
     tu.add_argument("--config", type=Path, default=None, help="run config or packaged name (default: demo)")
     tu.add_argument("--methods", nargs="*", default=None, help="methods to tune (default: f_hyper duet stablesynth)")
     add_device_argument(tu)
@@ -75,12 +78,13 @@ def register(sub: argparse._SubParsersAction) -> None:
                     "size) at 1 thread and all cores, the head, the device process's peak RSS, the device-only "
                     "environment's installed size against the full one, int8 accuracy (from the export), and the "
                     "round trip over a link shaped by tc to Table 5's bandwidths (skipped where not permitted).")
-    dv.add_argument("--bundle", type=Path, required=True, metavar="DIR", help="a bundle exported with --int8")
-    dv.add_argument("--checkpoint", type=Path, default=None, metavar="DIR",
+    dv.add_argument("--bundle", type=existing_dir("--bundle"), required=True, metavar="DIR",
+                    help="a bundle exported with --int8")
+    dv.add_argument("--checkpoint", type=existing_dir("--checkpoint"), default=None, metavar="DIR",
                     help="the method checkpoint the bundle came from (the stage-1 encoder and the served model)")
-    dv.add_argument("--out", type=Path, default=Path("runs/bench-device"), metavar="DIR")
-    dv.add_argument("--iters", type=int, default=50, help="timed clips per row (default 50)")
-    dv.add_argument("--device-venv", type=Path, default=None, metavar="DIR",
+    dv.add_argument("--out", type=output_dir("--out"), default=Path("runs/bench-device"), metavar="DIR")
+    dv.add_argument("--iters", type=int_at_least("--iters", 1), default=50, help="timed clips per row (default 50)")
+    dv.add_argument("--device-venv", type=existing_dir("--device-venv"), default=None, metavar="DIR",
                     help="an existing device-only environment (default: a fresh one with pip install ./device)")
     dv.add_argument("--no-ti", action="store_true", help="skip the allinone-ti rows")
     dv.set_defaults(func=_device)
@@ -93,7 +97,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                      "trains the global head on them and every method from it, and scores the unseen devices. "
                      "Writes devices.json and devices.png to --out; finished points are kept in --out/points, so "
                      "a second run resumes."))
-    ds.add_argument("--out", type=Path, default=Path("runs/bench-devices"), help="output folder")
+    ds.add_argument("--out", type=output_dir("--out"), default=Path("runs/bench-devices"), help="output folder")
     ds.add_argument("--config", type=Path, default=Path("demo"),
                     help="the run config whose camera ranges and stage-2 settings every point uses (default: demo, "
                          "the harsh cameras)")

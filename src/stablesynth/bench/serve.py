@@ -193,8 +193,9 @@ def run_serve_benchmark(checkpoint: Path | None, out: Path | None, requests: int
         results["num_classes"] = int(method.num_classes) if hasattr(method, "num_classes") else None
         port = _free_port()
         url = f"http://127.0.0.1:{port}"
+        # The load generator is one client address: the per-address budget must not shed it.
         cmd = [sys.executable, "-m", "stablesynth.cloud.commands", "serve", "--host", "127.0.0.1",
-               "--port", str(port)]
+               "--port", str(port), "--max-connections-per-client", str(max(1024, *concurrency))]
         for c in ckpts:
             cmd += ["--checkpoint", str(c)]
         proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
@@ -323,13 +324,15 @@ def format_table(results: dict[str, Any]) -> str:
 def main(argv: list[str] | None = None) -> int:
     import argparse
 
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--checkpoint", type=Path, default=None)
-    p.add_argument("--out", type=Path, default=None)
-    p.add_argument("--requests", type=int, default=300)
-    p.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 64])
-    p.add_argument("--clients", type=int, default=2, help="load-generator processes")
-    p.add_argument("--time-cap", type=float, default=20.0, help="seconds per row")
+    from stablesynth_device.argtypes import OneLineParser, existing_dir, int_at_least, output_dir, positive_float
+
+    p = OneLineParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--checkpoint", type=existing_dir("--checkpoint"), default=None)
+    p.add_argument("--out", type=output_dir("--out"), default=None)
+    p.add_argument("--requests", type=int_at_least("--requests", 1), default=300)
+    p.add_argument("--concurrency", type=int_at_least("--concurrency", 1), nargs="+", default=[1, 8, 64])
+    p.add_argument("--clients", type=int_at_least("--clients", 1), default=2, help="load-generator processes")
+    p.add_argument("--time-cap", type=positive_float("--time-cap"), default=20.0, help="seconds per row")
     args = p.parse_args(argv)
     results = run_serve_benchmark(args.checkpoint, args.out, args.requests, args.concurrency, args.time_cap,
                                   args.clients)

@@ -27,11 +27,11 @@ import json
 import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
-from pathlib import Path
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Any
 
 from stablesynth.accelerator import add_device_argument
+from stablesynth_device.argtypes import OneLineParser, int_at_least, output_file
 
 if TYPE_CHECKING:
     import torch
@@ -249,15 +249,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--preset", choices=sorted(PRESETS), default="allinone-ti",
                         help="encoder preset and its stage-1 shapes (default allinone-ti, the paper's)")
     add_device_argument(parser)
-    parser.add_argument("--batch-size", type=int, default=None, help="stage-1 clips per step (default: preset's)")
-    parser.add_argument("--eval-batch-size", type=int, default=None,
+    parser.add_argument("--batch-size", type=int_at_least("--batch-size", 1), default=None,
+                        help="stage-1 clips per step (default: preset's)")
+    parser.add_argument("--eval-batch-size", type=int_at_least("--eval-batch-size", 1), default=None,
                         help="clips per feature-extraction batch (default: preset's)")
-    parser.add_argument("--steps", type=int, default=5, help="timed steps per phase (default 5)")
-    parser.add_argument("--warmup", type=int, default=2, help="untimed warm-up steps per phase (default 2)")
+    parser.add_argument("--steps", type=int_at_least("--steps", 1), default=5, help="timed steps per phase (default 5)")
+    parser.add_argument("--warmup", type=int_at_least("--warmup", 0), default=2,
+                        help="untimed warm-up steps per phase (default 2)")
     parser.add_argument("--no-amp", action="store_true", help="fp32 on CUDA too (default: bf16 autocast)")
     parser.add_argument("--compile", action="store_true", help="torch.compile the model first (warm-up pays it)")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--json", type=Path, default=None, help="also write the figures to this JSON file")
+    parser.add_argument("--seed", type=int_at_least("--seed", 0), default=0)
+    parser.add_argument("--json", type=output_file("--json"), default=None,
+                        help="also write the figures to this JSON file")
 
 
 def run_from_args(args: argparse.Namespace) -> int:
@@ -273,7 +276,7 @@ def run_from_args(args: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m stablesynth.bench.train", description=__doc__.split("\n")[0])
+    parser = OneLineParser(prog="python -m stablesynth.bench.train", description=__doc__.split("\n")[0])
     add_arguments(parser)
     args = parser.parse_args(argv)
     try:

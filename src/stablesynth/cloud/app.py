@@ -9,7 +9,9 @@ Endpoints (all replies to errors are JSON ``{"error": code, "detail": text}``):
   the version (409 on mismatch).
 - ``POST /v1/noop[?bytes=N]``: parses the upload like ``adapt``, no model call; returns the
   upload, or N zero bytes (a reply of the same size as an adapt reply).
-- ``GET /v1/models``, ``GET /healthz``, ``GET /readyz``, ``GET /metrics``.
+- ``GET /v1/models``, ``GET /healthz``, ``GET /readyz``, ``GET /metrics`` (behind the token with
+  ``protect_metrics``); ``/docs`` and ``/openapi.json`` unless ``docs=False``. No route answers
+  a trailing-slash redirect.
 - ``/v2/...``: the Open Inference Protocol (KServe V2), see :mod:`stablesynth.cloud.openinference`.
 
 Concurrent ``adapt`` requests are batched per model (:mod:`stablesynth.cloud.batching`);
@@ -23,6 +25,7 @@ import functools
 import gc
 import hmac
 import inspect
+import logging
 import time
 from collections.abc import AsyncIterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
@@ -35,6 +38,7 @@ from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
 from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
 from stablesynth.cloud import openinference
 from stablesynth.cloud.batching import Batcher, OutputError, ShutdownError
@@ -47,6 +51,17 @@ from stablesynth_device.wire.protocol import ENCODINGS, MEDIA_TYPE, VERSION_HEAD
 DEFAULT_MAX_BODY = 64 * 1024
 #: Largest reply ``/v1/noop?bytes=N`` sends (above any adapt reply of the presets).
 MAX_NOOP_BYTES = 16 * 1024 * 1024
+
+log = logging.getLogger("stablesynth.cloud")
+
+
+def _client_gone(scope: dict[str, Any]) -> str:
+    """Log a request whose client left (or was cut off) before it was read; returns its status label."""
+    label = "timeout" if scope.get("stablesynth.timed_out") else "disconnect"
+    client = scope.get("client") or ("?", 0)
+    log.info("%s:%s %s %s: client %s before the request was read", client[0], client[1],
+             scope.get("method"), scope.get("path"), "timed out" if label == "timeout" else "disconnected")
+    return label
 
 
 @functools.lru_cache(maxsize=8)
@@ -61,14 +76,14 @@ class _Metrics:
         self.app = app
         self.latency = latency
         self.requests_total = requests_total
-        self._children: dict[tuple[str, int], tuple[Any, Any]] = {}
+        self._children: dict[tuple[str, int | str], tuple[Any, Any]] = {}
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
         t0 = time.perf_counter()
-        status = 500
+        status: int | str = 500
 
         async def send_wrapper(message: dict[str, Any]) -> None:
             nonlocal status
@@ -78,6 +93,8 @@ class _Metrics:
 
         try:
             await self.app(scope, receive, send_wrapper)
+        except ClientDisconnect:  # the client's doing, not the server's: no 500, no traceback
+            status = _client_gone(scope)
         finally:
             route = scope.get("route")
             key = (getattr(route, "path", "unmatched"), status)
@@ -197,7 +214,7 @@ def _negotiate(request: Request, model: CloudModel) -> str:
 def create_app(models: Mapping[str, CloudModel], token: str | None = None, max_batch: int = 64,
                max_wait_ms: float = 0.0, max_body_bytes: int = DEFAULT_MAX_BODY,
                inline_ms: float = 1.0, opentelemetry: bool = False, freeze_gc: bool = False,
-               encode_threads: int = 2,
+               encode_threads: int = 2, docs: bool = True, protect_metrics: bool = False,
                drain_timeout: float = 0.0) -> FastAPI:
     """The ASGI app serving ``models`` (keyed by model id); see :class:`_Batcher` for the batching knobs.
 
@@ -206,7 +223,8 @@ def create_app(models: Mapping[str, CloudModel], token: str | None = None, max_b
     ``freeze_gc`` tunes the process's garbage collector at start-up (see :func:`_freeze_gc`);
     :func:`serve` turns it on, an app embedded in another process leaves the collector alone.
     ``encode_threads`` threads expand and encode the uploads of one batch side by side (see
-    :class:`Batcher`); 1 does it in the batch's own worker thread.
+    :class:`Batcher`); 1 does it in the batch's own worker thread. ``docs`` serves ``/docs``
+    and ``/openapi.json``; ``protect_metrics`` puts ``/metrics`` behind the token too.
     ``drain_timeout`` > 0: SIGTERM drains the process first (:mod:`stablesynth.cloud.drain`).
     """
     if max_batch < 1:
@@ -255,8 +273,11 @@ def create_app(models: Mapping[str, CloudModel], token: str | None = None, max_b
     if not opentelemetry and "telemetry" in inspect.signature(FastAPI.__init__).parameters:
         # FastAPI's own OpenTelemetry hooks look up the providers on every request; /metrics is ours.
         extra["telemetry"] = {"tracing": False, "metrics": False, "logs": False}
+    if not docs:
+        extra.update(docs_url=None, redoc_url=None, openapi_url=None)
+    # No slash redirects: their Location is built from the client's Host header, before auth.
     app = FastAPI(title="stablesynth cloud", version=str(protocol.PROTOCOL_VERSION), lifespan=lifespan,
-                  description=__doc__, **extra)
+                  description=__doc__, redirect_slashes=False, **extra)
 
     @app.exception_handler(ApiError)
     async def _api_error(request: Request, exc: ApiError) -> JSONResponse:
@@ -377,7 +398,9 @@ def create_app(models: Mapping[str, CloudModel], token: str | None = None, max_b
         return JSONResponse({"status": "ready", "models": list(models)})
 
     @app.get("/metrics", response_class=Response)
-    async def metrics() -> Response:
+    async def metrics(request: Request) -> Response:
+        if protect_metrics:
+            check_auth(request)
         return Response(generate_latest(exposition_registry(registry)), media_type=CONTENT_TYPE_LATEST)
 
     openinference.register(app, models, batchers, check_auth=check_auth, max_body_bytes=max_body_bytes,

@@ -5,8 +5,10 @@ answers 503 once too many connections or requests are open, but it holds a conne
 never finishes its headers or its body forever, and buffers headers of any size.
 :class:`GuardedHttpProtocol` adds, per connection:
 
-- the request head (request line + headers) must arrive within ``header_timeout`` seconds of
-  the connection opening or of the first byte after an idle keep-alive period, and may not
+- a new connection must send its first byte within ``idle_timeout`` seconds (short: an honest
+  client connects to send), then its request head (request line + headers) within
+  ``header_timeout`` seconds of that byte or of the first byte after an idle keep-alive period,
+  and the head may not
   exceed ``max_header_bytes`` (431, connection closed; memory held is bounded by the cap
   plus one socket read);
 - the body must arrive within ``body_timeout`` seconds of the end of the head;
@@ -19,7 +21,13 @@ never finishes its headers or its body forever, and buffers headers of any size.
   that stops reading would hold its connection and a 582 KB reply forever;
 - what waits to be sent is the reply's own bytes, never a view of a buffer it shares with
   other replies (:class:`UnpinnedTransport`): Θ_d frames are written a few to a buffer, so a
-  client that stops reading would otherwise keep its group's 3 MB, not its 582 KB.
+  client that stops reading would otherwise keep its group's 3 MB, not its 582 KB;
+- one peer address holds at most ``max_connections_per_client`` connections at once; beyond
+  that a new connection gets 503 and is closed, so one client's idle connections cannot take
+  the ``limit_concurrency`` slots of the others (counted per server process: with ``--workers
+  N`` an address may hold up to N times as many);
+- a reply sent before its request's body has arrived (a 401 or 413 that did not read the body)
+  closes the connection (``connection: close``) instead of reading and discarding the body.
 
 The read limits act before the app runs, so before the bearer token is checked.
 """
@@ -29,6 +37,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+from collections import Counter
 from collections.abc import Callable
 from typing import Any
 
@@ -49,8 +58,13 @@ class ServeLimits(Config):
     body_timeout: float = Field(10.0, gt=0)
     send_timeout: float = Field(10.0, gt=0)
     keep_alive_timeout: int = Field(5, ge=1)
+    #: Seconds a new connection may stay silent before its first byte.
+    idle_timeout: float = Field(2.0, gt=0)
     #: Open connections or running requests beyond which new requests get 503 (load shedding).
     limit_concurrency: int = Field(1024, ge=1)
+    #: Open connections of one peer address beyond which its new connections get 503 (behind a
+    #: reverse proxy every client has the proxy's address: raise it to ``limit_concurrency``).
+    max_connections_per_client: int = Field(128, ge=1)
     backlog: int = Field(1024, ge=1)
 
 
@@ -120,6 +134,8 @@ class GuardedConfig(uvicorn.Config):
 
     def __init__(self, app: Any, limits: ServeLimits | None = None, **kwargs: Any) -> None:
         self.limits = limits or ServeLimits()
+        #: Open connections per peer address in this process (see GuardedHttpProtocol).
+        self.peer_connections: Counter[str] = Counter()
         kwargs.setdefault("http", GuardedHttpProtocol)
         kwargs.setdefault("timeout_keep_alive", self.limits.keep_alive_timeout)
         kwargs.setdefault("limit_concurrency", self.limits.limit_concurrency)
@@ -144,6 +160,11 @@ class GuardedHttpProtocol(HttpToolsProtocol):
         self._in_head = True
         self._head_bytes = 0
         self._rejected = False
+        self._silent = True  # nothing received yet on this connection
+        self._peer: str | None = None
+        self._keep_alive_after_body = False
+        peers = getattr(config, "peer_connections", None)
+        self._peers: Counter[str] = peers if peers is not None else Counter()
 
     # -- deadlines
     def _arm(self, seconds: float) -> None:
@@ -154,6 +175,8 @@ class GuardedHttpProtocol(HttpToolsProtocol):
 
     def _expire(self) -> None:
         if self.transport is not None and not self.transport.is_closing():
+            if self.cycle is not None and not self.cycle.response_complete:
+                self.cycle.scope["stablesynth.timed_out"] = True  # the app's disconnect was a timeout
             self.transport.close()
 
     def _arm_send(self) -> None:
@@ -178,11 +201,27 @@ class GuardedHttpProtocol(HttpToolsProtocol):
     # -- asyncio.Protocol
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(UnpinnedTransport(transport))  # type: ignore[arg-type]
-        self._arm(self.limits.header_timeout)
+        peer = transport.get_extra_info("peername")
+        if isinstance(peer, tuple) and peer:
+            self._peer = str(peer[0])
+            self._peers[self._peer] += 1
+            if self._peers[self._peer] > self.limits.max_connections_per_client:
+                self._reject(503, "Service Unavailable", "too_many_connections",
+                             f"more than {self.limits.max_connections_per_client} open connections "
+                             "from this address")
+                return
+        self._arm(self.limits.idle_timeout)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._disarm()
         self._disarm_send()
+        if self._peer is not None:
+            left = self._peers[self._peer] - 1
+            if left > 0:
+                self._peers[self._peer] = left
+            else:
+                del self._peers[self._peer]
+            self._peer = None
         super().connection_lost(exc)
 
     def pause_writing(self) -> None:
@@ -204,7 +243,8 @@ class GuardedHttpProtocol(HttpToolsProtocol):
             return
         self._unset_keepalive_if_required()
         if self._in_head:
-            if not self._read_deadline.armed:  # first bytes after an idle keep-alive period
+            if self._silent or not self._read_deadline.armed:  # first bytes, or after keep-alive
+                self._silent = False
                 self._arm(self.limits.header_timeout)
             self._head_bytes += len(data)
         try:
@@ -229,9 +269,20 @@ class GuardedHttpProtocol(HttpToolsProtocol):
         self._in_head = False
         self._arm(self.limits.body_timeout)
         super().on_headers_complete()
+        # Keep-alive only once the body has arrived: a reply sent before (an early 401 or 413)
+        # closes the connection rather than reading a body nobody wants. A body that comes with
+        # its head (the usual upload) completes before the app runs, so this costs nothing.
+        cycle = self.cycle
+        if cycle is not None and cycle.keep_alive and not cycle.response_complete:
+            self._keep_alive_after_body, cycle.keep_alive = True, False
 
     def on_message_complete(self) -> None:
         self._disarm()
         self._in_head = True
         self._head_bytes = 0
+        if self._keep_alive_after_body:
+            self._keep_alive_after_body = False
+            cycle = self.cycle
+            if cycle is not None and not cycle.response_started:
+                cycle.keep_alive = True
         super().on_message_complete()

@@ -3,7 +3,12 @@
 A method checkpoint (``kind="method"``, see :mod:`stablesynth.checkpoint`) holds the method's
 state dict plus how to rebuild it (registry name, config, K). Loading validates the manifest
 field by field, the weights' checksum and finiteness, and derives ``model_version`` from the
-weights and config, so the version a device pins identifies exactly what it gets.
+weights and config, so the version a device pins identifies exactly what it gets. Before
+anything is allocated, the method the config describes is built without memory (PyTorch's
+``meta`` device) and its size bounded (:data:`MAX_CHECKPOINT_ELEMENTS`); once loaded, every
+tensor must have the module's dtype and every weight a magnitude of at most
+:data:`MAX_WEIGHT_ABS`, so that a checkpoint that would start and then fail every upload
+does not start.
 """
 
 from __future__ import annotations
@@ -23,6 +28,12 @@ from stablesynth.methods import build_method
 from stablesynth.methods.base import Method
 from stablesynth.methods.baselines import HyperMethod
 from stablesynth_device.wire.protocol import ENCODINGS, PARAM_ENCODINGS
+
+#: Most values (parameters and buffers) a served method may hold: 4 GiB of float32.
+MAX_CHECKPOINT_ELEMENTS = 1 << 30
+#: Largest |weight| a served method may hold: fp16's largest finite value, the narrowest range
+#: of the reply encodings (Θ_d's base is sent as is in fp16; beyond it every reply would be refused).
+MAX_WEIGHT_ABS = 65504.0
 
 #: What is sent for uploads: ``{name: [B, *shape]}``.
 Outputs = Mapping[str, torch.Tensor]
@@ -186,14 +197,45 @@ def load_cloud_model(checkpoint_dir: str | Path, model_id: str | None = None, ve
     """
     directory = Path(checkpoint_dir)
     manifest = checkpoint.read_method_manifest(directory)
-    try:
-        method = build_method(manifest.method, manifest.num_classes, manifest.config)
-    except (ValueError, TypeError, KeyError) as exc:
-        raise CheckpointError(f"checkpoint {directory}: manifest field 'config' does not build method "
-                              f"{manifest.method!r}: {exc}") from None
+    if manifest.kind != METHOD_KIND:
+        raise CheckpointError(f"checkpoint {directory}: manifest field 'kind' is {manifest.kind!r}, "
+                              f"expected {METHOD_KIND!r} (a method checkpoint)")
+    _check_size(directory, manifest)
+    method = _build(directory, manifest)
     checkpoint.load_module_state(directory, method)
+    check_weight_magnitudes(directory, method)
     mid = check_safe_name(model_id or manifest.model_id or directory.name, "model id")
     ver = check_safe_name(version or str(manifest.model_version), "model version")
     if device is not None:
         method.to(device)
     return CloudModel(method, mid, ver, manifest.num_classes, manifest.method, dict(manifest.config))
+
+
+def _build(directory: Path, manifest: checkpoint.MethodManifest) -> Method:
+    try:
+        return build_method(manifest.method, manifest.num_classes, manifest.config)
+    except (ValueError, TypeError, KeyError) as exc:
+        raise CheckpointError(f"checkpoint {directory}: manifest field 'config' does not build method "
+                              f"{manifest.method!r}: {exc}") from None
+
+
+def _check_size(directory: Path, manifest: checkpoint.MethodManifest) -> None:
+    """Refuse a config whose method would not fit, before allocating it (built on the meta device)."""
+    with torch.device("meta"):
+        shapes = {k: v.shape for k, v in _build(directory, manifest).state_dict().items()}
+    total = sum(s.numel() for s in shapes.values())
+    if total > MAX_CHECKPOINT_ELEMENTS:
+        name, shape = max(shapes.items(), key=lambda kv: kv[1].numel())
+        raise CheckpointError(f"checkpoint {directory}: manifest fields 'config' and 'num_classes' describe a "
+                              f"method of {total:,} values (largest: {name!r} {list(shape)}); at most "
+                              f"{MAX_CHECKPOINT_ELEMENTS:,} are served")
+
+
+def check_weight_magnitudes(directory: str | Path, method: Method) -> None:
+    """CheckpointError naming the first floating tensor of ``method`` with a value beyond :data:`MAX_WEIGHT_ABS`."""
+    with torch.no_grad():
+        for name, t in method.state_dict().items():
+            if t.is_floating_point() and t.numel() and float(t.abs().max()) > MAX_WEIGHT_ABS:
+                raise CheckpointError(f"checkpoint {directory}: tensor {name!r} holds |value| "
+                                      f"{float(t.abs().max()):.3g}, beyond {MAX_WEIGHT_ABS:g} (the fp16 reply "
+                                      "range): every reply would be refused")

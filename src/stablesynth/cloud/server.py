@@ -53,6 +53,12 @@ class ServeSpec:
     encode_threads: int = 2
     #: Seconds a SIGTERM'd process may take to drain (stablesynth.cloud.drain); 0 exits at once.
     drain_timeout: float = 0.0
+    #: Serve /docs and /openapi.json; put /metrics behind the token.
+    docs: bool = True
+    protect_metrics: bool = False
+    #: PEM certificate chain and private key: serve HTTPS (both or neither).
+    ssl_certfile: str | None = None
+    ssl_keyfile: str | None = None
 
 
 def load_models(checkpoints: Sequence[str | Path], model_id: str | None = None,
@@ -103,7 +109,13 @@ def _keep_freed_memory() -> bool:
 def _app_kwargs(spec: ServeSpec) -> dict[str, Any]:
     return {"token": spec.token, "max_batch": spec.max_batch, "max_wait_ms": spec.max_wait_ms,
             "inline_ms": spec.inline_ms, "freeze_gc": True, "encode_threads": spec.encode_threads,
-            "drain_timeout": spec.drain_timeout}
+            "drain_timeout": spec.drain_timeout, "docs": spec.docs, "protect_metrics": spec.protect_metrics}
+
+
+def _tls_kwargs(spec: ServeSpec | None) -> dict[str, Any]:
+    if spec is None or spec.ssl_certfile is None:
+        return {}
+    return {"ssl_certfile": spec.ssl_certfile, "ssl_keyfile": spec.ssl_keyfile}
 
 
 def app_from_environment() -> Any:
@@ -118,23 +130,25 @@ def app_from_environment() -> Any:
 def serve(models: Mapping[str, CloudModel], host: str = "127.0.0.1", port: int = 8000,
           token: str | None = None, max_batch: int = 64, max_wait_ms: float = 0.0, inline_ms: float = 1.0,
           torch_threads: int = 1, limits: ServeLimits | None = None, encode_threads: int = 2,
-          drain_timeout: float = 0.0) -> None:
+          drain_timeout: float = 0.0, spec: ServeSpec | None = None) -> None:
     """Run the app for already loaded ``models`` with uvicorn in the foreground (one process).
 
     ``torch_threads`` sets PyTorch's intra-op threads for this process. One is the right
     number for per-upload calls of well under a millisecond: on a busy machine a second
     intra-op thread that has to be woken up costs far more than it saves (measured: 30 ms
     instead of 0.2 ms per fp32 adaptation at K = 1501 on two shared cores). Scale out
-    with more processes instead (:func:`serve_checkpoints`).
+    with more processes instead (:func:`serve_checkpoints`). ``spec`` adds its app options
+    (docs, protected metrics) and TLS files.
     """
     if torch_threads >= 1:
         torch.set_num_threads(torch_threads)
     _raise_fd_limit()
     _keep_freed_memory()
+    options = {"docs": spec.docs, "protect_metrics": spec.protect_metrics} if spec is not None else {}
     app = create_app(models, token=token, max_batch=max_batch, max_wait_ms=max_wait_ms, inline_ms=inline_ms,
-                     freeze_gc=True, encode_threads=encode_threads, drain_timeout=drain_timeout)
+                     freeze_gc=True, encode_threads=encode_threads, drain_timeout=drain_timeout, **options)
     config = GuardedConfig(app, limits=limits, host=host, port=port, log_level="warning", access_log=False,
-                           **_drain_config(drain_timeout))
+                           **_drain_config(drain_timeout), **_tls_kwargs(spec))
     uvicorn.Server(config).run()
 
 
@@ -147,7 +161,7 @@ def serve_checkpoints(spec: ServeSpec, host: str = "127.0.0.1", port: int = 8000
     if workers == 1:
         loaded = models if models is not None else load_models(spec.checkpoints, spec.model_id, spec.device)
         serve(loaded, host, port, spec.token, spec.max_batch, spec.max_wait_ms, spec.inline_ms,
-              spec.torch_threads, limits, spec.encode_threads, spec.drain_timeout)
+              spec.torch_threads, limits, spec.encode_threads, spec.drain_timeout, spec)
         return
     from uvicorn.supervisors import Multiprocess
 
@@ -155,7 +169,7 @@ def serve_checkpoints(spec: ServeSpec, host: str = "127.0.0.1", port: int = 8000
     os.environ[SPEC_ENV] = json.dumps(asdict(spec))  # inherited by the workers, not on any command line
     config = GuardedConfig("stablesynth.cloud.server:app_from_environment", limits=limits, factory=True,
                            host=host, port=port, workers=workers, log_level="warning", access_log=False,
-                           **_drain_config(spec.drain_timeout))
+                           **_drain_config(spec.drain_timeout), **_tls_kwargs(spec))
     sock = config.bind_socket()
     with multiprocess_directory():  # before the workers start: they read it at import
         Multiprocess(config, sockets=[sock]).run()

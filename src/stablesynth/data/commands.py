@@ -10,6 +10,7 @@ from typing import Any
 from stablesynth.data.benchmark import DeviceBenchmark
 from stablesynth.data.benchmark_config import load_config
 from stablesynth.data.device_grid import devices_grid_png
+from stablesynth_device.argtypes import existing_file, int_at_least, output_dir
 
 
 def register(subparsers: Any) -> None:
@@ -19,9 +20,11 @@ def register(subparsers: Any) -> None:
         "describe",
         help="per-device statistics table and a PNG of one scene as every device captures it",
     )
-    describe.add_argument("--config", type=Path, default=None, help="benchmark config (default: packaged)")
-    describe.add_argument("--out", type=Path, default=Path("runs/data"), help="output folder (default: runs/data)")
-    describe.add_argument("--seed", type=int, default=None, help="override the config's seed")
+    describe.add_argument("--config", type=existing_file("--config"), default=None,
+                          help="benchmark config (default: packaged)")
+    describe.add_argument("--out", type=output_dir("--out"), default=Path("runs/data"),
+                          help="output folder (default: runs/data)")
+    describe.add_argument("--seed", type=int_at_least("--seed", 0), default=None, help="override the config's seed")
     describe.set_defaults(func=_describe)
     data.set_defaults(func=lambda _args: data.print_help() or 2)
 

@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 
 from stablesynth.accelerator import add_device_argument
-from stablesynth_device.argtypes import int_at_least
+from stablesynth_device.argtypes import existing_dir, existing_file, int_at_least, output_dir
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -27,7 +27,8 @@ def register(sub: argparse._SubParsersAction) -> None:
             "--out reuses finished stages unless --fresh is given."
         ),
     )
-    p.add_argument("--out", type=Path, default=Path("runs/demo"), help="output folder (default: runs/demo)")
+    p.add_argument("--out", type=output_dir("--out"), default=Path("runs/demo"),
+                   help="output folder (default: runs/demo)")
     p.add_argument("--config", type=Path, default=None,
                    help="a run config (YAML/TOML/JSON file) or a packaged one by name: demo (default: harsh "
                         "cameras, 10 seen devices, mild usage skew), mild (the former default: 30 mild cameras), "
@@ -66,10 +67,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     t.add_argument("--preset", required=True, choices=SUPPORTED_PRESETS, help="dataset preset")
     _data_arguments(t, required=True)
-    t.add_argument("--out", type=Path, required=True, help="output folder (checkpoints, caches, report)")
-    t.add_argument("--config", type=Path, default=None, help="YAML/TOML/JSON overrides of the preset's settings")
-    t.add_argument("--seed", type=int, default=None, help="override the run seed")
-    t.add_argument("--train-from", type=Path, default=None,
+    t.add_argument("--out", type=output_dir("--out"), required=True, help="output folder (checkpoints, caches, report)")
+    t.add_argument("--config", type=existing_file("--config"), default=None,
+                   help="YAML/TOML/JSON overrides of the preset's settings")
+    t.add_argument("--seed", type=int_at_least("--seed", 0), default=None, help="override the run seed")
+    t.add_argument("--train-from", type=existing_file("--train-from"), default=None,
                    help="msrvtt-mc only: train on this JSON-lines file of MC items (clip_name, options, answer) "
                         "instead of MSRVTT retrieval's train pairs")
     add_device_argument(t)
@@ -83,17 +85,18 @@ def register(sub: argparse._SubParsersAction) -> None:
             "the videos and writes results.json and report.md (default: CHECKPOINT_DIR/eval)."
         ),
     )
-    e.add_argument("--checkpoint-dir", type=Path, required=True, help="the --out folder of `stablesynth train`")
-    e.add_argument("--out", type=Path, default=None, help="output folder (default: CHECKPOINT_DIR/eval)")
+    e.add_argument("--checkpoint-dir", type=existing_dir("--checkpoint-dir"), required=True,
+                   help="the --out folder of `stablesynth train`")
+    e.add_argument("--out", type=output_dir("--out"), default=None, help="output folder (default: CHECKPOINT_DIR/eval)")
     _data_arguments(e, required=False)
     add_device_argument(e)
     e.set_defaults(func=_eval)
 
 
 def _data_arguments(p: argparse.ArgumentParser, required: bool) -> None:
-    p.add_argument("--data-root", type=Path, required=required,
+    p.add_argument("--data-root", type=existing_dir("--data-root"), required=required,
                    help="the dataset folder (annotations and media)" + ("" if required else ", if it moved"))
-    p.add_argument("--frames-dir", type=Path, default=None,
+    p.add_argument("--frames-dir", type=existing_dir("--frames-dir"), default=None,
                    help="pre-extracted frames: one folder of images per clip, FRAMES_DIR/<clip name>/")
 
 
