@@ -56,20 +56,27 @@ def test_the_inference_service_validates_as_far_as_schemas_exist() -> None:
     assert predictor["containers"][0]["name"] == "kserve-container"
 
 
-def _serve_args(container: dict[str, Any]) -> argparse.Namespace:
+def _serve_args(container: dict[str, Any], here: Path) -> argparse.Namespace:
+    """The container's `serve` flags parsed by the real parser; the checkpoint folders (inside the pod's
+    volume, absent here) are parsed as a local folder and given back as written."""
     parser = argparse.ArgumentParser()
     register(parser.add_subparsers(dest="command"))
-    return parser.parse_args(container["args"])
+    argv = list(container["args"])
+    written = [argv[i + 1] for i, a in enumerate(argv[:-1]) if a == "--checkpoint"]
+    argv = [str(here) if i > 0 and argv[i - 1] == "--checkpoint" else a for i, a in enumerate(argv)]
+    args = parser.parse_args(argv)
+    args.checkpoint = [Path(w) for w in written]
+    return args
 
 
 @pytest.mark.parametrize("which", ["deployment", "inferenceservice"])
-def test_pods_drain_within_their_grace_period_and_probe_the_v2_routes(which: str) -> None:
+def test_pods_drain_within_their_grace_period_and_probe_the_v2_routes(which: str, tmp_path: Path) -> None:
     if which == "deployment":
         pod = _by_kind()["Deployment"]["spec"]["template"]["spec"]
     else:
         pod = _load(INFERENCE_SERVICE)[0]["spec"]["predictor"]
     (container,) = pod["containers"]
-    args = _serve_args(container)  # every flag exists
+    args = _serve_args(container, tmp_path)  # every flag exists and every value is valid
     assert args.command == "serve" and args.drain_timeout > 0
     pre_stop = container["lifecycle"]["preStop"]["sleep"]["seconds"]
     # The preStop sleep, the drain, then uvicorn's wait for the last requests (as long as the drain).

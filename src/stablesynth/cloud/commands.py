@@ -82,9 +82,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                        help="largest request head (request line + headers) in bytes; 431 beyond (default 16384)")
     serve.add_argument("--limit-concurrency", type=int_at_least("--limit-concurrency", 1), default=1024,
                        help="open connections or requests beyond which new requests get 503 (default 1024)")
-    from stablesynth.cloud.drain import parse_drain_timeout
-
-    serve.add_argument("--drain-timeout", type=parse_drain_timeout, default=0.0, metavar="SECONDS",
+    serve.add_argument("--drain-timeout", type=non_negative_float("--drain-timeout"), default=0.0, metavar="SECONDS",
                        help="on SIGTERM, turn not-ready and finish in-flight requests for up to SECONDS before "
                             "exiting (default 0: exit at once; behind a load balancer use e.g. 10)")
     serve.add_argument("--max-connections-per-client", type=int_at_least("--max-connections-per-client", 1),

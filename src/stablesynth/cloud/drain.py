@@ -20,7 +20,6 @@ thread, as in tests, has no signals and no drain).
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import contextlib
 import math
@@ -38,17 +37,6 @@ _POLL_S = 0.05
 #: Paths that are probes, not requests: they neither count as arrivals nor hold the drain.
 PROBE_PATHS = frozenset({"/healthz", "/readyz", "/metrics", "/v2/health/live", "/v2/health/ready"})
 _SIGNALS = (signal.SIGTERM, signal.SIGINT)
-
-
-def parse_drain_timeout(text: str) -> float:
-    """argparse ``type`` of ``--drain-timeout``: a finite number of seconds >= 0."""
-    try:
-        v = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"--drain-timeout {text!r}: not a number") from None
-    if not math.isfinite(v) or v < 0:
-        raise argparse.ArgumentTypeError(f"--drain-timeout {text!r}: must be a finite number of seconds >= 0")
-    return v
 
 
 class Drain:
