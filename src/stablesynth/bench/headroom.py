@@ -280,14 +280,18 @@ def plot(summary: dict[str, Any], path: Path, shown: Sequence[str]) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = [(v["label"], v["unseen"]) for v in summary["ceilings"].values()]
+    rows = [(v["label"], v["unseen"], None) for v in summary["ceilings"].values()]
     rows += [(_variant_label(summary["methods"][k]) + ("" if summary["methods"][k]["cloud"] else " (device only)"),
-              summary["methods"][k]["per_sample_unseen"]) for k in shown if k in summary["methods"]]
+              summary["methods"][k]["per_sample_unseen"], summary["methods"][k]["per_session_unseen"])
+             for k in shown if k in summary["methods"]]
     fig, (ax, bx) = plt.subplots(1, 2, figsize=(13, 0.42 * len(rows) + 1.6),
                                  gridspec_kw={"width_ratios": [1.6, 1]})
     ys = list(range(len(rows)))[::-1]
-    for y, (_, s) in zip(ys, rows, strict=True):
+    for y, (_, s, session) in zip(ys, rows, strict=True):
         m = 100 * sum(s["per_seed"]) / len(s["per_seed"])
+        if session is not None:
+            ax.plot(100 * sum(session["per_seed"]) / len(session["per_seed"]), y, marker="x", color="C3", ms=6,
+                    label="per session (one upload a session)" if y == ys[len(summary["ceilings"])] else None)
         colour = "C0" if y >= len(rows) - len(summary["ceilings"]) else "C1"
         ax.barh(y, m, color=colour, alpha=0.6)
         ax.plot([100 * s["min"], 100 * s["max"]], [y, y], color="k", lw=1.2)
@@ -296,11 +300,12 @@ def plot(summary: dict[str, Any], path: Path, shown: Sequence[str]) -> None:
     o = summary["ceilings"]["oracle"]["unseen"]
     for s, style in ((g, "--"), (o, ":")):
         ax.axvline(100 * sum(s["per_seed"]) / len(s["per_seed"]), color="k", ls=style, lw=0.8)
-    ax.set_yticks(ys, [label for label, _ in rows], fontsize=7)
-    lo = 100 * min(min(s["min"] for _, s in rows) - 0.05, 1.0)
-    ax.set_xlim(max(0.0, lo), 100)
+    ax.set_yticks(ys, [label for label, _, _ in rows], fontsize=7)
+    lo = 100 * min(min(s["min"] for _, s, _ in rows) - 0.05, 1.0)
+    ax.legend(fontsize=7, loc="lower right")
+    ax.set_xlim(max(0.0, lo - 15), 100)
     ax.set_xlabel("unseen-device accuracy (%), mean over seeds, bar: min–max")
-    ax.set_title("Ceilings (blue) and methods (orange); dashed: global head, dotted: oracle", fontsize=9)
+    ax.set_title("Ceilings (blue) and methods (orange, per sample); dashed: global head, dotted: oracle", fontsize=9)
     hyper = [k for k in shown if "alignment" in summary["methods"].get(k, {})]
     xs = range(len(hyper))
     for off, (key, label, colour) in enumerate((("cosine_unseen", "cos(Θ_d shift, optimum shift), unseen", "C2"),
@@ -409,7 +414,7 @@ def format_table(summary: dict[str, Any]) -> str:
               f"{up['cast_r2_unseen']['ci']['mean']:.2f} on unseen devices."]
     if summary.get("goals"):
         g = summary["goals"]
-        lines.append(f"Best cloud method (validation): {summary['methods'][summary['best_cloud']]['label']}; "
+        lines.append(f"Best cloud method (validation): {_variant_label(summary['methods'][summary['best_cloud']])}; "
                      f"{_share(g['share_unseen'])} of the unseen headroom (goal ≥ 50 %), unseen gain "
                      f"{_gain(g['gain_unseen'])}, seen gain {_gain(g['gain_seen'])}, per session − per sample "
                      f"{100 * g['session_minus_sample_unseen']:+.1f} unseen / "

@@ -34,7 +34,7 @@ from stablesynth.data.benchmark import DeviceBenchmark
 from stablesynth.evaluation.metrics import accuracy, accuracy_block
 from stablesynth.experiment.workspace import Workspace
 from stablesynth.methods import Method
-from stablesynth.methods.device_optima import LastLayer, answer_prior, device_optima, hidden_features
+from stablesynth.methods.device_optima import LastLayer, answer_prior, device_ceilings, hidden_features
 from stablesynth.training.stage2 import predict_per_sample
 
 #: Driver ceiling: full-batch Adam steps on one device's history, from its mean driver.
@@ -63,12 +63,13 @@ def ceilings(ws: Workspace, history: FeatureBatch, realtime: FeatureBatch,
     static = ws.model.static
     head = LastLayer(ws.model.classifier.weight.detach().clone(), ws.model.classifier.bias.detach().clone())
     hidden = hidden_features(static, realtime.f_g)
-    last = device_optima(static, history, head, seed=ws.seed)
+    last = device_ceilings(static, history, head, seed=ws.seed)
     blocks: dict[str, Any] = {
         "global": _by_device(head.logits(hidden), realtime),
-        "bias": _layer_accuracy(hidden, realtime, device_optima(static, history, head, seed=ws.seed, bias_only=True)),
+        "bias": _layer_accuracy(hidden, realtime, device_ceilings(static, history, head, seed=ws.seed,
+                                                                  bias_only=True)),
         "last_layer_camera": _layer_accuracy(hidden, realtime,
-                                             device_optima(static, history, head, seed=ws.seed, balanced=True)),
+                                             device_ceilings(static, history, head, seed=ws.seed, balanced=True)),
         "last_layer": _layer_accuracy(hidden, realtime, last),
     }
     # The usage's share: p(a|x)·p_d(a)/p̄(a) with the history's answer frequencies.

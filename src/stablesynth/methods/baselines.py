@@ -16,7 +16,7 @@ from torch import nn
 from stablesynth.data.batch import FeatureBatch
 from stablesynth.methods.base import METHODS, MODULES_OFF, Method
 from stablesynth.methods.config import MethodConfig
-from stablesynth.methods.device_optima import LastLayer, device_optima
+from stablesynth.methods.device_optima import LastLayer, device_ceilings
 from stablesynth.models.device import FEATURE_DIM, HIDDEN_DIM, StaticHead, dynamic_linear, dynamic_specs
 from stablesynth.models.generators import Generator, create_generator
 from stablesynth.models.hypernet import MLPProjector, SequenceProjector
@@ -125,7 +125,7 @@ class HyperMethod(_DeviceHeadMixin):
         head = getattr(self, "_head", None)
         if head is None:
             raise RuntimeError(f"{self.name}: optimum_weight needs init_from_head before prepare")
-        optima = device_optima(self.static, train, head, seed=0)
+        optima = device_ceilings(self.static, train, head, seed=0)
         ids = torch.tensor(sorted(optima))
         weight = torch.stack([optima[int(d)].weight for d in ids])
         bias = torch.stack([optima[int(d)].bias for d in ids])

@@ -50,8 +50,8 @@ class MethodConfig(Config):
     template_select: Literal["nearest", "soft"] = "nearest"
     select_temperature: float = Field(0.1, gt=0)
     #: Weight of the device-optimum term in a hypernetwork's stage-2 loss: the mean squared distance of
-    #: each clip's generated Θ_d to its device's per-device last-layer optimum (``device_optima.py``,
-    #: fitted on that device's training history), over the mean squared distance of those optima to
+    #: each clip's generated Θ_d to its device's per-device last-layer optimum (``device_optima.device_ceilings``,
+    #: fitted to convergence on that device's training history), over the mean squared distance of those optima to
     #: the global head. The target is the same for every clip of a device, so the term rewards a Θ_d
     #: that follows the camera rather than the clip's content. 0: off (the paper's loss).
     optimum_weight: float = Field(0.0, ge=0)

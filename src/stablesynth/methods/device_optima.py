@@ -95,3 +95,46 @@ def device_optima(static: StaticHead, data: FeatureBatch, start: LastLayer, *, s
         out[int(d)] = fit_last_layer(hidden[mine], data.label[mine], start, seed=seed * 7919 + int(d),
                                      bias_only=bias_only, class_weight=weight)
     return out
+
+
+#: Ceilings: full-batch AdamW at this rate, the step count chosen per device among these on a held-out
+#: fifth of its own history, then refitted on all of it (the oracle's recipe stops well short of convergence).
+CEILING_LR = 1e-2
+CEILING_STEPS: tuple[int, ...] = (50, 150, 400)
+CEILING_HELD_OUT = 0.2
+
+
+def _fit_full_batch(hidden: torch.Tensor, label: torch.Tensor, start: LastLayer, steps: int, *,
+                    bias_only: bool, class_weight: torch.Tensor | None) -> LastLayer:
+    weight = nn.Parameter(start.weight.detach().clone(), requires_grad=not bias_only)
+    bias = nn.Parameter(start.bias.detach().clone())
+    opt = torch.optim.AdamW([bias] if bias_only else [weight, bias], lr=CEILING_LR)
+    for _ in range(steps):
+        loss = nn.functional.cross_entropy(hidden @ weight.T + bias, label, weight=class_weight)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    return LastLayer(weight.detach().clone(), bias.detach().clone())
+
+
+def device_ceilings(static: StaticHead, data: FeatureBatch, start: LastLayer, *, seed: int,
+                    bias_only: bool = False, balanced: bool = False) -> dict[int, LastLayer]:
+    """Per device, a last layer fitted to convergence on its clips of ``data``: the step count of
+    full-batch AdamW chosen on a held-out fifth of those clips (:data:`CEILING_STEPS`), then refitted
+    on all of them. ``balanced`` as in :func:`device_optima`."""
+    hidden = hidden_features(static, data.f_g)
+    K = start.bias.shape[0]
+    pooled = answer_prior(data.label, K)
+    out = {}
+    for d in sorted(data.device.unique().tolist()):
+        mine = (data.device == d) & (data.label != IGNORE)
+        h, y = hidden[mine], data.label[mine]
+        weight = pooled / answer_prior(y, K) if balanced else None
+        order = torch.randperm(len(y), generator=torch.Generator().manual_seed(seed * 7919 + int(d)))
+        n_held = max(1, int(CEILING_HELD_OUT * len(y)))
+        held, fit = order[:n_held], order[n_held:]
+        best = max(CEILING_STEPS, key=lambda steps: float((_fit_full_batch(
+            h[fit], y[fit], start, steps, bias_only=bias_only, class_weight=weight).logits(h[held]).argmax(-1)
+            == y[held]).float().mean()))
+        out[int(d)] = _fit_full_batch(h, y, start, best, bias_only=bias_only, class_weight=weight)
+    return out
