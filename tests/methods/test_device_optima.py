@@ -4,7 +4,13 @@ import torch
 
 from stablesynth.data.batch import FeatureBatch
 from stablesynth.methods import build_method, default_method_config
-from stablesynth.methods.device_optima import LastLayer, answer_prior, device_optima, fit_last_layer
+from stablesynth.methods.device_optima import (
+    LastLayer,
+    answer_prior,
+    device_ceilings,
+    device_optima,
+    fit_last_layer,
+)
 from stablesynth.models.device import FEATURE_DIM, HIDDEN_DIM, StaticHead
 
 K = 4
@@ -74,3 +80,20 @@ def test_optimum_term_is_off_by_default_and_pulls_towards_each_devices_optimum()
     assert float(on.optimum_term(at_head, other)) == 0.0
     loss, logs = on.loss(data)
     assert "optimum" in logs and torch.isfinite(loss)
+
+
+def test_ceilings_fit_each_device_further_than_the_oracle_recipe():
+    data = _batch(n=180)
+    static = StaticHead(dropout=0.0)
+    from stablesynth.methods.device_optima import hidden_features
+
+    hidden = hidden_features(static, data.f_g)
+    ce = torch.nn.functional.cross_entropy
+    short = device_optima(static, data, _start(), seed=0)
+    full = device_ceilings(static, data, _start(), seed=0)
+    assert sorted(full) == [0, 1, 2]
+    for d in full:
+        mine = data.device == d
+        assert ce(full[d].logits(hidden[mine]), data.label[mine]) < ce(short[d].logits(hidden[mine]), data.label[mine])
+    bias = device_ceilings(static, data, _start(), seed=0, bias_only=True)
+    assert all(torch.equal(b.weight, _start().weight) for b in bias.values())
