@@ -18,14 +18,11 @@ Presets are registered by name (``allinone-ti``, ``allinone-cpu``, ``allinone-cp
 from __future__ import annotations
 
 import dataclasses
-import math
 import typing
-from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Any
 
 import torch
-import torch.nn.functional as F
 from pydantic import Field, StrictInt, create_model
 
 from stablesynth.config import Config, ConfigError
@@ -38,13 +35,13 @@ from stablesynth.models.vit import MultimodalEncoder, ViTSpec
 from stablesynth.models.vit import PatchEmbed as PatchEmbed
 from stablesynth.models.vit import Pooler as Pooler
 from stablesynth.models.vit import TextEmbeddings as TextEmbeddings
+from stablesynth.models.weights.convert import load_into
+from stablesynth.models.weights.errors import WeightLoadError as WeightLoadError
+from stablesynth.models.weights.reading import read_tensors
+from stablesynth.models.weights.resample import resize_pos_embed as resize_pos_embed
 from stablesynth.registry import Registry
 
 MINILM_WORD_KEY = "embeddings.word_embeddings.weight"
-
-
-class WeightLoadError(ValueError):
-    """A weight file is missing, unreadable, lacks a key or has a tensor of the wrong shape."""
 
 
 def _architecture_fields() -> dict[str, Any]:
@@ -64,7 +61,9 @@ class _EncoderSource(Config):
 
     #: Load MiniLM's word embeddings from the installed package when the model is built.
     pretrained_text: bool = False
-    #: Optional local timm/DeiT state dict loaded when the model is built ("" = none).
+    #: Optional local weights loaded when the model is built ("" = none): a file written by
+    #: ``stablesynth weights import`` (timm, Hugging Face ViT/DeiT or All-in-One, converted for this
+    #: preset; docs/weights.md), or a timm/DeiT state dict.
     vision_weights: str = ""
 
     def spec(self) -> ViTSpec:
@@ -122,88 +121,18 @@ def create_model(name: str, **overrides: Any) -> MultimodalEncoder:
 
 # ----------------------------------------------------------------------------- weight loading
 
-def _read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
-    path = Path(path)
-    if not path.is_file():
-        raise WeightLoadError(f"weight file not found: {path}")
-    try:
-        if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
-
-            return load_file(str(path))
-        if path.suffix in (".pth", ".pt", ".bin"):
-            obj = torch.load(str(path), map_location="cpu", weights_only=True)
-        else:
-            raise WeightLoadError(f"{path}: unsupported weight format {path.suffix!r} "
-                                  "(use .safetensors, or .pth/.pt/.bin)")
-    except WeightLoadError:
-        raise
-    except Exception as exc:
-        raise WeightLoadError(f"{path}: cannot read weights: {exc}") from exc
-    # DeiT's released .pth files wrap the state dict as {"model": {...}}.
-    for wrapper in ("model", "state_dict"):
-        if isinstance(obj, Mapping) and wrapper in obj and isinstance(obj[wrapper], Mapping):
-            obj = obj[wrapper]
-    if not isinstance(obj, Mapping) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
-        raise WeightLoadError(f"{path}: not a state dict of tensors")
-    return dict(obj)
-
-
-def resize_pos_embed(pos_embed: torch.Tensor, num_patches: int, num_prefix: int = 1) -> torch.Tensor:
-    """Bicubically resample a ``[1, prefix + g², C]`` position embedding to ``num_patches`` positions."""
-    old_grid = pos_embed.shape[1] - num_prefix
-    old_side, new_side = math.isqrt(old_grid), math.isqrt(num_patches)
-    if old_side * old_side != old_grid or new_side * new_side != num_patches:
-        raise WeightLoadError(f"pos_embed: cannot resample a {old_grid}-position grid to {num_patches} "
-                              "(both must be square)")
-    prefix, grid = pos_embed[:, :num_prefix], pos_embed[:, num_prefix:]
-    if old_grid == num_patches:
-        return pos_embed
-    C = pos_embed.shape[-1]
-    grid = grid.reshape(1, old_side, old_side, C).permute(0, 3, 1, 2).float()
-    grid = F.interpolate(grid, size=(new_side, new_side), mode="bicubic", align_corners=False,
-                         antialias=new_side < old_side)
-    grid = grid.permute(0, 2, 3, 1).reshape(1, num_patches, C).to(pos_embed.dtype)
-    return torch.cat([prefix, grid], dim=1)
-
-
-_VISION_PREFIXES = ("patch_embed.", "cls_token", "pos_embed", "blocks.", "norm.")
-# Classifier heads and DeiT's distillation token have no place in the encoder.
-_IGNORED_PREFIXES = ("head.", "head_dist.", "dist_token", "fc_norm.", "pre_logits.")
-
 
 def load_vision_weights(model: MultimodalEncoder, path: str | Path) -> dict[str, list[str]]:
-    """Load a local timm/DeiT state dict into the vision part of ``model``.
+    """Load local weights into ``model``: a file ``stablesynth weights import`` wrote, or a timm/DeiT state dict.
 
-    Every vision parameter of the model must be in the file with its shape, except
-    ``pos_embed``, which is resampled when the patch grid differs. Blocks beyond the
-    model's depth and classifier heads are ignored. Returns ``{"loaded", "ignored"}`` keys.
+    A converted file must fit the model exactly (it was converted for its preset) and may carry
+    the text side too (an All-in-One import). A timm/DeiT state dict is converted on the way:
+    every vision parameter of the model must be in it with its shape, except ``pos_embed``,
+    which is resampled when the patch grid differs; blocks beyond the model's depth and
+    classifier heads are ignored. Pickled files are read through the restricted unpickler
+    (``models/weights/unpickle.py``). Returns ``{"loaded", "ignored"}`` keys.
     """
-    state = _read_state_dict(path)
-    own = {k: v for k, v in model.state_dict().items() if k.startswith(_VISION_PREFIXES)}
-    num_prefix = 2 if "dist_token" in state else 1
-    if not any(k in state for k in own):
-        raise WeightLoadError(f"{path}: not a timm/DeiT vision state dict (no 'patch_embed.proj.weight', "
-                              "'cls_token', 'blocks.*' keys)")
-    new: dict[str, torch.Tensor] = {}
-    for key, target in own.items():
-        if key not in state:
-            raise WeightLoadError(f"{path}: missing key {key!r} (expected shape {list(target.shape)})")
-        value = state[key]
-        if key == "pos_embed" and value.dim() == 3 and value.shape[-1] == target.shape[-1]:
-            if num_prefix == 2:
-                value = torch.cat([value[:, :1], value[:, 2:]], dim=1)
-            value = resize_pos_embed(value, model.cfg.num_patches)
-        if tuple(value.shape) != tuple(target.shape):
-            raise WeightLoadError(f"{path}: key {key!r} has shape {list(value.shape)}, "
-                                  f"the model expects {list(target.shape)}")
-        new[key] = value.to(target.dtype)
-    ignored = sorted(k for k in state if k not in new)
-    unknown = [k for k in ignored if not k.startswith(_IGNORED_PREFIXES + _VISION_PREFIXES)]
-    if unknown:
-        raise WeightLoadError(f"{path}: unexpected key {unknown[0]!r} — not a timm/DeiT vision state dict")
-    model.load_state_dict(new, strict=False)
-    return {"loaded": sorted(new), "ignored": ignored}
+    return load_into(model, path)
 
 
 def load_word_embeddings(model: MultimodalEncoder, path: str | Path | None = None,
@@ -220,7 +149,7 @@ def load_word_embeddings(model: MultimodalEncoder, path: str | Path | None = Non
             path = minilm_dir() / "model.safetensors"
         except FileNotFoundError as exc:
             raise WeightLoadError(str(exc)) from exc
-    state = _read_state_dict(path)
+    state = read_tensors(path)
     matches = [k for k in state if k == key or k.endswith("." + key)]
     if not matches:
         raise WeightLoadError(f"{path}: missing key {key!r}")

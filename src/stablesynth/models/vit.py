@@ -271,6 +271,17 @@ class MultimodalEncoder(nn.Module):
         This is the graph the ONNX export traces: no value-dependent branch, the mask a real input.
         """
         B, nF = frames.shape[:2]
+        out = self.pooler(self.fused_tokens(frames, input_ids, attention_mask)[:, 0])
+        return out.reshape(B, nF, -1)
+
+    def fused_tokens(self, frames: torch.Tensor, input_ids: torch.Tensor,
+                     attention_mask: torch.Tensor | None) -> torch.Tensor:
+        """Every token of every frame after the final norm: ``[B·F, 1 + L + patches, width]``.
+
+        The sequence is ``[CLS] + text + patches``; :meth:`fuse` reads the CLS token. Exposed so that
+        an import can be compared token by token with the model it came from (docs/weights.md).
+        """
+        B, nF = frames.shape[:2]
         # Text is embedded once per clip and shared by its frames.
         text = self.text_embeddings(input_ids) + self.token_type_embeddings.weight[TEXT_TYPE]
         text = text.repeat_interleave(nF, dim=0)  # [B·F, L, C]
@@ -288,5 +299,21 @@ class MultimodalEncoder(nn.Module):
             mask = keep[:, None, None, :]
         for block in self.blocks:
             x = block(x, mask)
-        out = self.pooler(self.norm(x)[:, 0])
-        return out.reshape(B, nF, -1)
+        return self.norm(x)
+
+    def vision_hidden_states(self, images: torch.Tensor) -> list[torch.Tensor]:
+        """The vision tower alone, as a plain ViT: ``images [B, 3, S, S]`` → each stage's ``[B, 1 + patches, width]``.
+
+        The list holds the embeddings (``[CLS] + patches`` with positions), each block's output and,
+        last, the final norm's: what Hugging Face's ``output_hidden_states`` and ``last_hidden_state``
+        give, so an imported tower can be compared with its source (no text, type or temporal embedding).
+        """
+        patches = self.patch_embed(images) + self.pos_embed[:, 1:]
+        cls = (self.cls_token + self.pos_embed[:, :1]).expand(images.shape[0], -1, -1)
+        x = self.pos_drop(torch.cat([cls, patches], dim=1))
+        states = [x]
+        for block in self.blocks:
+            x = block(x, None)
+            states.append(x)
+        states.append(self.norm(x))
+        return states
