@@ -23,6 +23,7 @@ COMMAND_MODULES = (
     "stablesynth.experiment.commands",
     "stablesynth.cloud.commands",
     "stablesynth.bench.commands",
+    "stablesynth.models.weights.commands",
 )
 
 
