@@ -28,5 +28,5 @@ def test_transformers_bert_model_imports():
 def test_cli_help_lists_every_subcommand():
     out = subprocess.run([sys.executable, "-m", "stablesynth.cli", "--help"], capture_output=True, text=True,
                          check=True).stdout
-    for name in ("demo", "bench", "payload", "data", "serve", "device"):
+    for name in ("demo", "bench", "payload", "data", "serve", "device", "weights"):
         assert name in out

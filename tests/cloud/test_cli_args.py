@@ -15,6 +15,8 @@ SERVE = ["serve", "--checkpoint", "{dir}"]
 EXPORT = ["device", "export", "--checkpoint", "{dir}", "--out", "{new}"]
 CLIP = ["device", "clip", "--out", "{new}"]
 BENCH = ["bench", "serve"]
+WIMPORT = ["weights", "import", "--from", "timm", "--preset", "allinone-test"]
+WOUT = ["--out", "{new}.safetensors"]
 PREDICT = ["predict", "--bundle", "{dir}", "--npy", "{file}", "--question", "q", "--server", "http://127.0.0.1:9"]
 
 CASES: list[tuple[str, list[str], list[str], str]] = [
@@ -67,6 +69,19 @@ CASES: list[tuple[str, list[str], list[str], str]] = [
     ("stablesynth", ["bench", "device", "--bundle", "{dir}"], ["--iters", "0"], "--iters"),
     ("stablesynth", ["bench", "train"], ["--steps", "0"], "--steps"),
     ("stablesynth", ["bench", "train"], ["--json", "{dir}"], "--json"),
+    ("stablesynth", WIMPORT + WOUT, ["{missing}"], "SRC"),
+    ("stablesynth", [*WIMPORT, "{file}"], ["--out", "{new}.bin"], "--out"),
+    ("stablesynth", [*WIMPORT, "{file}"], ["--out", "{dir}"], "--out"),
+    ("stablesynth", [*WIMPORT, "{file}", *WOUT], ["--set", "max_text_len"], "--set"),
+    ("stablesynth", ["weights", "import", "{file}", "--preset", "allinone-test", *WOUT], ["--from", "onnx"], "--from"),
+    ("stablesynth", ["weights", "import", "{file}", "--preset", "allinone-test", *WOUT], [], "--from"),
+    ("stablesynth", ["weights", "import", "--from", "timm", "{file}", *WOUT], ["--preset", "nope"], "nope"),
+    ("stablesynth", WIMPORT + WOUT, ["{file}"], "unsupported weight format"),
+    ("stablesynth", ["weights", "inspect"], ["{missing}"], "SRC"),
+    ("stablesynth", ["weights", "inspect", "{file}"], ["--json", "{dir}"], "--json"),
+    ("stablesynth", ["weights", "inspect", "{file}"], ["--from", "bert"], "--from"),
+    ("stablesynth", ["weights", "check"], ["--seed", "-1"], "--seed"),
+    ("stablesynth", ["weights", "check"], ["--keep", "{file}"], "--keep"),
     ("stablesynth", ["serve"], [], "--checkpoint"),  # required flags are named too
     ("stablesynth-device", ["predict", "--npy", "{file}", "--question", "q", "--offline"], ["--bundle", "{file}"],
      "--bundle"),

@@ -124,7 +124,7 @@ def _import(args: argparse.Namespace) -> int:
     layout = resolve(args.kind, list(ckpt.tensors), ckpt.config)
     conversion = convert(ckpt, layout, cfg, args.preset)
     weights, manifest = write_conversion(conversion, args.out)
-    print(f"wrote {weights}: {len(conversion.tensors)} encoder tensors from the {layout.title} checkpoint {args.src} "
+    print(f"wrote {weights}: {len(conversion.tensors)} encoder tensors from {layout.title} checkpoint {args.src} "
           f"({len(conversion.dropped)} source keys dropped; {manifest} says which and why)")
     for note in conversion.assumptions:
         print(f"assumed: {note}")
@@ -206,11 +206,12 @@ def _check(args: argparse.Namespace) -> int:
 
     with tempfile.TemporaryDirectory(prefix="stablesynth-weights-") as tmp:
         results = run_checks(args.preset, Path(args.keep or tmp), args.seed)
+    first = max(len(m.check) for m in results)
     width = max(len(m.compared) for m in results)
-    print(f"{'check':<17} {'compared':<{width}}  max |Δ|   bound")
+    print(f"{'check':<{first}}  {'compared':<{width}}  max |Δ|  of max |x|  bound")
     for m in results:
         bound = "reported" if m.bound is None else f"{m.bound:.0e} {'ok' if m.ok else 'EXCEEDED'}"
-        print(f"{m.check:<17} {m.compared:<{width}}  {m.max_abs_diff:.1e}  {bound}")
+        print(f"{m.check:<{first}}  {m.compared:<{width}}  {m.max_abs_diff:.1e}  {m.scale:9.2f}  {bound}")
     if args.json:
         atomic_write_json(args.json, {"preset": args.preset, "seed": args.seed, "torch": torch.__version__,
                                       "transformers": transformers.__version__,

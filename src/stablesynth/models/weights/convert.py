@@ -181,7 +181,7 @@ def _canonical(ckpt: SourceCheckpoint, layout: Layout) -> dict[str, str]:
     for key in ckpt.tensors:
         c = layout.canonical(key)
         if c in out:
-            raise WeightLoadError(f"{ckpt.path}: keys {out[c]!r} and {key!r} are the same {layout.title} key "
+            raise WeightLoadError(f"{ckpt.path}: keys {out[c]!r} and {key!r} are the same key "
                                   f"{c!r} (duplicate after mapping); keep one of them")
         out[c] = key
     return out
@@ -193,7 +193,7 @@ def check_architecture(ckpt: SourceCheckpoint, layout: Layout, spec: Any, what: 
     where = "config.json" if layout.config_from == "config" else "hyper_parameters['config']"
     for key, want in layout.expect.items():
         if key in config and config[key] != want:
-            raise WeightLoadError(f"{ckpt.path}: {where} has {key}={config[key]!r}; a {layout.title} checkpoint "
+            raise WeightLoadError(f"{ckpt.path}: {where} has {key}={config[key]!r}; {layout.title} checkpoint "
                                   f"the encoder can compute has {key}={want!r}")
     assumptions = []
     for check in layout.checks:
@@ -207,7 +207,7 @@ def check_architecture(ckpt: SourceCheckpoint, layout: Layout, spec: Any, what: 
             raise WeightLoadError(f"{ckpt.path}: {where} has {check.key}={value!r}; {what} needs {need} "
                                   f"(its {check.spec})")
     if not layout.config_from:
-        assumptions.append(f"a {layout.title} state dict does not state its attention heads: num_heads="
+        assumptions.append(f"{layout.title} state dict does not state its attention heads: num_heads="
                            f"{spec.num_heads} of {what} assumed")
     eps = float(config.get(layout.eps_key, layout.eps_default)) if layout.eps_key else layout.eps_default
     return eps, assumptions
@@ -216,7 +216,8 @@ def check_architecture(ckpt: SourceCheckpoint, layout: Layout, spec: Any, what: 
 def _as_float(value: torch.Tensor, name: str, source: str) -> torch.Tensor:
     if not value.is_floating_point():
         raise WeightLoadError(f"{source}: key {name!r} is {value.dtype}, a floating-point weight is expected")
-    bad = int((~torch.isfinite(value)).sum())
+    # The sum is finite when every element is (one reduction, cheap); only otherwise count them.
+    bad = 0 if bool(torch.isfinite(value.sum())) else int((~torch.isfinite(value)).sum())
     if bad:
         raise WeightLoadError(f"{source}: key {name!r} has {bad} NaN/inf values; weights must be finite")
     return value.to(torch.float32)
@@ -228,16 +229,16 @@ def convert(ckpt: SourceCheckpoint, layout: Layout, spec: Any, preset: str = "")
     what = f"preset {preset!r}" if preset else "the encoder"
     canon = _canonical(ckpt, layout)
     matches = {c: layout.match(c) for c in canon}
-    known = [c for c, m in matches.items() if any(rule.op != "drop" for rule, _ in m)]
-    if not known:
+    tower = [c for c, m in matches.items() if any(r.target.startswith(VISION_PREFIXES) for r, _ in m)]
+    if not tower:
         first = next(iter(ckpt.tensors), "none")
-        raise WeightLoadError(f"{src}: not a {layout.title} state dict (none of its {len(canon)} keys is one, "
-                              f"e.g. {first!r})")
+        raise WeightLoadError(f"{src}: not {layout.title} state dict (none of its {len(canon)} keys is one of its "
+                              f"vision tower's, e.g. {first!r})")
+    eps, assumptions = check_architecture(ckpt, layout, spec, what)
     for c, m in matches.items():
         if not m:
-            raise WeightLoadError(f"{src}: unexpected key {canon[c]!r}: not part of a {layout.title} checkpoint "
+            raise WeightLoadError(f"{src}: unexpected key {canon[c]!r}: not part of {layout.title} checkpoint "
                                   "(another model?)")
-    eps, assumptions = check_architecture(ckpt, layout, spec, what)
     shapes = target_shapes(spec)
     tensors: dict[str, torch.Tensor] = {}
     origins: dict[str, list[str]] = {}
@@ -261,7 +262,7 @@ def convert(ckpt: SourceCheckpoint, layout: Layout, spec: Any, preset: str = "")
             dropped[canon[c]] = drop.why if drop else "not used by this preset"
     for key, shape in shapes.items():
         if key.startswith(VISION_PREFIXES) and key not in tensors:
-            raise WeightLoadError(f"{src}: {what} has {key!r} {list(shape)}, which a {layout.title} checkpoint "
+            raise WeightLoadError(f"{src}: {what} has {key!r} {list(shape)}, which {layout.title} checkpoint "
                                   "does not hold (a convolutional stem?)")
     overrides = {} if math.isclose(eps, spec.layer_norm_eps, rel_tol=1e-9) else {"layer_norm_eps": eps}
     return Conversion(layout.name, preset, ckpt, tensors, origins, notes, dropped, left, eps, spec.num_heads,

@@ -47,6 +47,8 @@ class Measurement:
     check: str
     compared: str
     max_abs_diff: float
+    #: The largest absolute value of the source's own tensors (how big the compared numbers are).
+    scale: float
     bound: float | None = TOLERANCE
 
     @property
@@ -75,6 +77,10 @@ def _diff(a: list[torch.Tensor], b: list[torch.Tensor]) -> float:
     return max(ref.max_abs_diff(x, y) for x, y in zip(a, b))
 
 
+def _scale(*tensors: torch.Tensor) -> float:
+    return max(float(t.abs().max()) for t in tensors)
+
+
 def _pixels(cfg: Any, seed: int, n: int = 2) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed + 1)
     return torch.randn(n, cfg.in_chans, cfg.image_size, cfg.image_size, generator=g)
@@ -85,9 +91,10 @@ def _compare_tower(check: str, encoder: MultimodalEncoder, hf_states: list[torch
                    hf_pooled: torch.Tensor | None, pixels: torch.Tensor) -> list[Measurement]:
     ours = encoder.vision_hidden_states(pixels)
     out = [Measurement(check, f"{len(ours)} hidden states (embeddings, {len(ours) - 2} blocks, final norm)",
-                       _diff(ours, hf_states))]
+                       _diff(ours, hf_states), _scale(*hf_states))]
     if hf_pooled is not None:
-        out.append(Measurement(check, "pooler output", ref.max_abs_diff(encoder.pooler(ours[-1][:, 0]), hf_pooled)))
+        out.append(Measurement(check, "pooler output", ref.max_abs_diff(encoder.pooler(ours[-1][:, 0]), hf_pooled),
+                               _scale(hf_pooled)))
     return out
 
 
@@ -139,33 +146,41 @@ def _raster(tokens: torch.Tensor, text_len: int, order: list[int]) -> torch.Tens
 
 @torch.no_grad()
 def check_allinone(preset: str, folder: Path, seed: int = 0, frames: int = 3) -> list[Measurement]:
-    """An All-in-One Lightning checkpoint → import → the encoder's tokens against the release's forward."""
+    """An All-in-One Lightning checkpoint → import → the encoder's tokens against the release's forward.
+
+    The release's word table is as wide as the model; a preset with another ``word_dim`` (MiniLM's
+    384 behind a projection) is checked with ``word_dim`` set to the width, as a config importing
+    All-in-One must set it.
+    """
     cfg = ENCODERS.get(preset)
+    overrides = {"word_dim": cfg.width} if cfg.word_dim != cfg.width else {}
+    cfg = cfg.replace(**overrides)
+    name = "allinone" + "".join(f" ({k}={v})" for k, v in overrides.items())
     state = ref.allinone_state(cfg, seed, frames=frames)
     source = folder / "allinone.ckpt"
     torch.save(ref.allinone_checkpoint(state, ref.allinone_hyper_parameters(cfg, frames)), source)
-    encoder, _ = import_source(source, "allinone", preset, folder / "allinone.safetensors")
+    encoder, _ = import_source(source, "allinone", preset, folder / "allinone.safetensors", **overrides)
     B, L, C = 2, cfg.max_text_len, cfg.width
     ids, mask = _question(cfg, B, seed)
     g = torch.Generator().manual_seed(seed + 3)
     clip = torch.randn(B, frames, cfg.in_chans, cfg.image_size, cfg.image_size, generator=g)
     order = ref.random_patch_order(cfg.num_patches, seed)
-    one = ref.allinone_forward(state, clip[:, :1], ids, mask, cfg.num_heads, order=order)
-    ours_one = encoder.fused_tokens(clip[:, :1], ids, mask)
+    one = ref.allinone_forward(state, clip[:, :1], ids, mask, cfg.num_heads, order=order)["tokens"]
     flat = ref.allinone_forward(state, clip, ids, mask, cfg.num_heads, roll=False)
-    rolled = ref.allinone_forward(state, clip, ids, mask, cfg.num_heads, roll=True)
+    rolled = ref.allinone_forward(state, clip, ids, mask, cfg.num_heads, roll=True)["tokens"]
     ours = encoder.fused_tokens(clip, ids, mask)
     identity = list(range(cfg.num_patches))
     readout = encoder.pooler(ours.view(B, frames, -1, C).mean(dim=1)[:, 1])
     return [
-        Measurement("allinone", "every token, one frame, patches in a random order",
-                    ref.max_abs_diff(ours_one, _raster(one["tokens"], L, order))),
-        Measurement("allinone", f"every token, {frames} frames, the release without its temporal roll",
-                    ref.max_abs_diff(ours, _raster(flat["tokens"], L, identity))),
-        Measurement("allinone", f"All-in-One's readout (pooled text [CLS], {frames} frames, no roll)",
-                    ref.max_abs_diff(readout, flat["cls_feats"])),
-        Measurement("allinone", f"what the temporal roll changes ({frames} frames; the encoder does not roll)",
-                    ref.max_abs_diff(ours, _raster(rolled["tokens"], L, identity)), bound=None),
+        Measurement(name, "every token, one frame, patches in a random order",
+                    ref.max_abs_diff(encoder.fused_tokens(clip[:, :1], ids, mask), _raster(one, L, order)),
+                    _scale(one)),
+        Measurement(name, f"every token, {frames} frames, the release without its temporal roll",
+                    ref.max_abs_diff(ours, _raster(flat["tokens"], L, identity)), _scale(flat["tokens"])),
+        Measurement(name, f"All-in-One's readout (pooled text [CLS], {frames} frames, no roll)",
+                    ref.max_abs_diff(readout, flat["cls_feats"]), _scale(flat["cls_feats"])),
+        Measurement(name, f"what the temporal roll changes ({frames} frames; the encoder does not roll)",
+                    ref.max_abs_diff(ours, _raster(rolled, L, identity)), _scale(rolled), bound=None),
     ]
 
 

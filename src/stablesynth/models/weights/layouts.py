@@ -80,7 +80,7 @@ class Layout:
     """A source layout: its table, the other spellings of its keys and what its config must say."""
 
     name: str
-    #: What the layout is, in the errors' words ("not a {title} state dict").
+    #: What the layout is, with its article, in the errors' words ("not {title} state dict").
     title: str
     description: str
     rules: tuple[Rule, ...]
@@ -180,7 +180,7 @@ HF_V5_ALIASES: tuple[tuple[str, str], ...] = (
 )
 
 TIMM = Layout(
-    name="timm", title="timm/DeiT vision",
+    name="timm", title="a timm/DeiT vision",
     description="timm's VisionTransformer state dict, as DeiT's releases save it ({'model': ...})",
     rules=(
         *_pair("patch_embed.proj", "patch_embed.proj"),
@@ -208,7 +208,7 @@ _HF_CHECKS = (ConfigCheck("hidden_size", "width"), ConfigCheck("num_attention_he
               ConfigCheck("num_channels", "in_chans"), ConfigCheck("qkv_bias", "qkv_bias"))
 
 HF_VIT = Layout(
-    name="hf-vit", title="Hugging Face ViT",
+    name="hf-vit", title="a Hugging Face ViT",
     description="a Hugging Face ViTModel / ViTForImageClassification (config.json + model.safetensors)",
     rules=_HF_RULES, aliases=((r"^vit\.", ""), *HF_V5_ALIASES), config_from="config", checks=_HF_CHECKS,
     expect={"model_type": "vit", "hidden_act": "gelu", "pooler_act": "tanh"},
@@ -216,7 +216,7 @@ HF_VIT = Layout(
 )
 
 HF_DEIT = Layout(
-    name="hf-deit", title="Hugging Face DeiT",
+    name="hf-deit", title="a Hugging Face DeiT",
     description="a Hugging Face DeiTModel / DeiTForImageClassification(WithTeacher) (config.json + weights)",
     rules=(*_HF_RULES, *_drops(("embeddings.distillation_token", _DIST),
                                ("cls_classifier.*", _CLASSIFIER),
@@ -229,7 +229,7 @@ HF_DEIT = Layout(
 _HEAD = "a head of one of All-in-One's objectives: the device's dynamic layer answers instead"
 
 ALLINONE = Layout(
-    name="allinone", title="All-in-One",
+    name="allinone", title="an All-in-One",
     description="the All-in-One release: a PyTorch Lightning checkpoint (state_dict, hyper_parameters, "
                 "optimizer_states)",
     rules=(

@@ -19,6 +19,7 @@ refused. Only little-endian files are read (every PyTorch build writes them).
 
 from __future__ import annotations
 
+import _compat_pickle
 import collections
 import io
 import pickle
@@ -151,6 +152,11 @@ class RestrictedUnpickler(pickle._Unpickler):
         self.storage = storage
 
     def find_class(self, module: str, name: str) -> Any:
+        if self.proto < 3 and self.fix_imports:  # protocol 2 spells builtins "__builtin__" (as pickle maps it)
+            if (module, name) in _compat_pickle.NAME_MAPPING:
+                module, name = _compat_pickle.NAME_MAPPING[(module, name)]
+            elif module in _compat_pickle.IMPORT_MAPPING:
+                module = _compat_pickle.IMPORT_MAPPING[module]
         try:
             return ALLOWED[(module, name)]
         except (KeyError, TypeError):
