@@ -338,3 +338,15 @@ def test_an_allinone_checkpoint_too_short_for_the_text_is_named(allinone_ckpt, t
                          "--set", "max_text_len=64", "--out", str(out)], capsys)
     assert code == 2 and "has 40 rows, the preset's max_text_len is 64: set max_text_len: 40 or less" in err
     assert not out.exists()
+
+
+def test_an_allinone_import_replaces_the_minilm_table(allinone_ckpt, tmp_path, capsys):
+    out = tmp_path / "cpu.safetensors"
+    code, text, err = _run(["weights", "import", "--from", "allinone", str(allinone_ckpt()), "--preset", "allinone-cpu",
+                            "--set", "word_dim=192", "--out", str(out)], capsys)
+    assert code == 0, err
+    overrides = __import__("json").loads(text.split("encoder_overrides: ", 1)[1])
+    assert overrides == {"word_dim": 192, "vision_weights": str(out), "pretrained_text": False}
+    enc = create_model("allinone-cpu", **overrides)
+    assert torch.equal(enc.text_embeddings.word_embeddings.weight,
+                       load_file(str(out))["text_embeddings.word_embeddings.weight"])

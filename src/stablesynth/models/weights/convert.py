@@ -264,7 +264,10 @@ def convert(ckpt: SourceCheckpoint, layout: Layout, spec: Any, preset: str = "")
         if key.startswith(VISION_PREFIXES) and key not in tensors:
             raise WeightLoadError(f"{src}: {what} has {key!r} {list(shape)}, which {layout.title} checkpoint "
                                   "does not hold (a convolutional stem?)")
-    overrides = {} if math.isclose(eps, spec.layer_norm_eps, rel_tol=1e-9) else {"layer_norm_eps": eps}
+    overrides: dict[str, Any] = {} if math.isclose(eps, spec.layer_norm_eps, rel_tol=1e-9) else {
+        "layer_norm_eps": eps}
+    if "text_embeddings.word_embeddings.weight" in tensors and getattr(spec, "pretrained_text", False):
+        overrides["pretrained_text"] = False  # the file's word table replaces MiniLM's
     return Conversion(layout.name, preset, ckpt, tensors, origins, notes, dropped, left, eps, spec.num_heads,
                       overrides, assumptions)
 

@@ -100,6 +100,7 @@ def _compare_tower(check: str, encoder: MultimodalEncoder, hf_states: list[torch
 
 def check_hf(kind: str, preset: str, folder: Path, seed: int = 0, resampled: bool = False) -> list[Measurement]:
     """Hugging Face ``ViTModel``/``DeiTModel`` → import → the encoder's tower against the source's forward."""
+    folder.mkdir(parents=True, exist_ok=True)
     cfg = ENCODERS.get(preset)
     size = cfg.image_size // 2 if resampled else cfg.image_size
     name = f"hf-{kind}" + (" resampled" if resampled else "")
@@ -116,6 +117,7 @@ def check_timm(preset: str, folder: Path, seed: int = 0) -> list[Measurement]:
     """A timm-layout ``.pth`` written from a Hugging Face ViT → import → against the Hugging Face forward."""
     from safetensors.torch import load_file
 
+    folder.mkdir(parents=True, exist_ok=True)
     cfg = ENCODERS.get(preset)
     model = ref.hf_model("vit", cfg, seed, layer_norm_eps=1e-6)
     model.save_pretrained(str(folder / "timm-from-hf"))
@@ -152,6 +154,7 @@ def check_allinone(preset: str, folder: Path, seed: int = 0, frames: int = 3) ->
     384 behind a projection) is checked with ``word_dim`` set to the width, as a config importing
     All-in-One must set it.
     """
+    folder.mkdir(parents=True, exist_ok=True)
     cfg = ENCODERS.get(preset)
     overrides = {"word_dim": cfg.width} if cfg.word_dim != cfg.width else {}
     cfg = cfg.replace(**overrides)
@@ -189,7 +192,6 @@ def run_checks(preset: str, folder: Path, seed: int = 0, checks: tuple[str, ...]
     out: list[Measurement] = []
     for name in checks:
         work = folder / name.replace(" ", "-")
-        work.mkdir(parents=True, exist_ok=True)
         if name == "hf-vit":
             out += check_hf("vit", preset, work, seed)
         elif name == "hf-vit resampled":
