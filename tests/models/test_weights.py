@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import builtins
 import collections
+import json
 import os
 import pickle
 from pathlib import Path
@@ -119,7 +120,7 @@ def test_data_parallel_prefix_and_shards_are_read(tmp_path, timm_state):
     save_file({k: sd[k] for k in keys[:5]}, str(tmp_path / "a.safetensors"))
     save_file({k: sd[k] for k in keys[5:]}, str(tmp_path / "b.safetensors"))
     weight_map = {k: "a.safetensors" if i < 5 else "b.safetensors" for i, k in enumerate(keys)}
-    (tmp_path / "model.safetensors.index.json").write_text(__import__("json").dumps({"weight_map": weight_map}))
+    (tmp_path / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
     ckpt = read_checkpoint(tmp_path)
     assert ckpt.container == "safetensors shards in a Hugging Face folder" and set(ckpt.tensors) == set(sd)
 
@@ -240,7 +241,7 @@ def test_import_then_build_the_model_from_the_config(tmp_path, hf_folder, capsys
                             "--out", str(out)], capsys)
     assert code == 0, err
     assert f'"vision_weights": "{out}"' in text and '"layer_norm_eps": 1e-12' in text
-    manifest = __import__("json").loads(manifest_path(out).read_text())
+    manifest = json.loads(manifest_path(out).read_text())
     assert manifest["layout"] == "hf-vit" and manifest["encoder_overrides"]["layer_norm_eps"] == 1e-12
     assert manifest["tensors"]["blocks.0.attn.qkv.weight"]["from"] == [
         f"encoder.layer.0.attention.attention.{p}.weight" for p in ("query", "key", "value")]
@@ -343,10 +344,10 @@ def test_an_allinone_checkpoint_too_short_for_the_text_is_named(allinone_ckpt, t
 def test_an_allinone_import_replaces_the_minilm_table(allinone_ckpt, tmp_path, capsys):
     out = tmp_path / "cpu.safetensors"
     code, text, err = _run(["weights", "import", "--from", "allinone", str(allinone_ckpt()), "--preset", "allinone-cpu",
-                            "--set", "word_dim=192", "--out", str(out)], capsys)
+                            "--set", "word_dim=192", "--set", "depth=1", "--out", str(out)], capsys)
     assert code == 0, err
-    overrides = __import__("json").loads(text.split("encoder_overrides: ", 1)[1])
-    assert overrides == {"word_dim": 192, "vision_weights": str(out), "pretrained_text": False}
+    overrides = json.loads(text.split("encoder_overrides: ", 1)[1])
+    assert overrides == {"word_dim": 192, "depth": 1, "vision_weights": str(out), "pretrained_text": False}
     enc = create_model("allinone-cpu", **overrides)
     assert torch.equal(enc.text_embeddings.word_embeddings.weight,
                        load_file(str(out))["text_embeddings.word_embeddings.weight"])
