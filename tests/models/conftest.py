@@ -73,16 +73,18 @@ def lightning_types(monkeypatch: pytest.MonkeyPatch) -> type[dict]:
 
 @pytest.fixture
 def allinone_ckpt(tmp_path: Path, tiny_cfg: Any, lightning_types: type[dict]) -> Iterator[Callable[..., Path]]:
-    """``allinone_ckpt(state=None, name="allinone.ckpt")``: a Lightning checkpoint in the release's layout.
+    """``allinone_ckpt(state=None, name=..., cfg=None, optimizer=True)``: a Lightning checkpoint, release layout.
 
     Its ``hyper_parameters`` are an ``AttributeDict`` and it carries an ``argparse.Namespace``, as real
-    checkpoints do; ``state`` defaults to ``references.allinone_state(allinone-test, seed=3)``.
+    checkpoints do; ``state`` defaults to ``references.allinone_state(cfg, seed=3)``, ``cfg`` to allinone-test's.
     """
 
-    def make(state: dict[str, torch.Tensor] | None = None, name: str = "allinone.ckpt") -> Path:
-        state = state if state is not None else ref.allinone_state(tiny_cfg, seed=3)
-        hparams = lightning_types(ref.allinone_hyper_parameters(tiny_cfg))
-        ckpt = ref.allinone_checkpoint(state, hparams)
+    def make(state: dict[str, torch.Tensor] | None = None, name: str = "allinone.ckpt", cfg: Any = None,
+             optimizer: bool = True) -> Path:
+        cfg = cfg if cfg is not None else tiny_cfg
+        state = state if state is not None else ref.allinone_state(cfg, seed=3)
+        hparams = lightning_types(ref.allinone_hyper_parameters(cfg))
+        ckpt = ref.allinone_checkpoint(state, hparams, optimizer)
         ckpt["args"] = argparse.Namespace(lr=1e-4, output_dir="result")
         path = tmp_path / name
         torch.save(ckpt, path)

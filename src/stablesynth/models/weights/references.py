@@ -154,9 +154,10 @@ def allinone_hyper_parameters(spec: Any, frames: int = 3, max_text_len: int = 40
     }}
 
 
-def allinone_checkpoint(state: dict[str, torch.Tensor], hyper_parameters: Any) -> dict[str, Any]:
-    """The PyTorch Lightning checkpoint the release's trainer writes around ``state``."""
-    params = [k for k, v in state.items() if v.is_floating_point()]
+def allinone_checkpoint(state: dict[str, torch.Tensor], hyper_parameters: Any,
+                        optimizer: bool = True) -> dict[str, Any]:
+    """The PyTorch Lightning checkpoint the release's trainer writes around ``state`` (with AdamW's state)."""
+    params = [k for k, v in state.items() if v.is_floating_point()] if optimizer else []
     adam = {i: {"step": torch.tensor(10.0), "exp_avg": torch.zeros_like(state[k]),
                 "exp_avg_sq": torch.zeros_like(state[k])} for i, k in enumerate(params)}
     return {
