@@ -54,6 +54,7 @@ def test_import_train_one_step_and_export(layout, tmp_path, hf_folder, timm_stat
     assert code == 0, text.err
     overrides = json.loads(text.out.split("encoder_overrides: ", 1)[1].strip())
     manifest = json.loads(out.with_suffix(".json").read_text())
+    assert manifest["encoder_overrides"] == overrides and overrides["max_text_len"] == 16
     if layout == "hf-deit":
         assert "embeddings.distillation_token" in manifest["dropped"]
         assert "resampled from a 4×4 grid to 2×2" in manifest["tensors"]["pos_embed"]["note"]

@@ -123,12 +123,14 @@ def _import(args: argparse.Namespace) -> int:
     ckpt = read_checkpoint(args.src)
     layout = resolve(args.kind, list(ckpt.tensors), ckpt.config)
     conversion = convert(ckpt, layout, cfg, args.preset)
+    # The file fits the preset with --set's overrides, so the manifest's encoder_overrides carry them too.
+    conversion.overrides = {**dict(args.overrides), **conversion.overrides}
     weights, manifest = write_conversion(conversion, args.out)
     print(f"wrote {weights}: {len(conversion.tensors)} encoder tensors from {layout.title} checkpoint {args.src} "
           f"({len(conversion.dropped)} source keys dropped; {manifest} says which and why)")
     for note in conversion.assumptions:
         print(f"assumed: {note}")
-    overrides = {**dict(args.overrides), "vision_weights": str(weights), **conversion.overrides}
+    overrides = {"vision_weights": str(weights), **conversion.overrides}
     print(f"use it with encoder {args.preset!r}: encoder_overrides: {json.dumps(overrides)}")
     return 0
 

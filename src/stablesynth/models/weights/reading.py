@@ -24,7 +24,7 @@ from typing import Any
 import torch
 
 from stablesynth.models.weights.errors import WeightLoadError
-from stablesynth.models.weights.unpickle import load_pickled_checkpoint, to_plain
+from stablesynth.models.weights.unpickle import PlainNamespace, load_pickled_checkpoint, to_plain
 
 PICKLE_SUFFIXES = (".ckpt", ".pth", ".pt", ".bin")
 #: The keys under which checkpoints nest the model's state dict.
@@ -90,6 +90,8 @@ def _describe(obj: Any) -> str:
         return f"a list of {len(obj)}{tensors}"
     if isinstance(obj, torch.Tensor):
         return f"a tensor {list(obj.shape)}"
+    if isinstance(obj, PlainNamespace):
+        return f"an argparse.Namespace of {len(vars(obj))} fields"
     text = repr(obj)
     return f"{type(obj).__name__} {text if len(text) <= 40 else text[:37] + '...'}"
 
@@ -161,7 +163,7 @@ def _read_index(index: Path) -> SourceCheckpoint:
                 raise WeightLoadError(f"{index}: key {key!r} is in more than one shard")
         tensors.update(part.tensors)
         files.append(shard)
-    kind = "safetensors" if index.name.startswith("model.safetensors") else "torch zip"
+    kind = "safetensors" if index.name.startswith("model.safetensors") else "pickled"
     return SourceCheckpoint(index, f"{kind} shards", tensors, files=files)
 
 

@@ -7,9 +7,10 @@ storages and dtypes, plain containers, and the two attribute containers real che
 (Lightning's ``AttributeDict`` of hyper-parameters, read back as a plain dict, and DeiT's
 ``argparse.Namespace`` of training arguments, read back as plain attributes). Any other name
 raises :class:`UnsafePickleError` when its GLOBAL opcode is read, before the REDUCE that would
-call it, so nothing of the file has run. ``BUILD`` (which calls ``__setstate__``) is admitted only
-on those two attribute containers, and tensors are rebuilt by the functions here, which check
-every offset against the bytes the file really holds.
+call it, so nothing of the file has run. ``BUILD`` (which would call ``__setstate__``) only sets
+plain attributes, on those containers and on ``OrderedDict`` (a ``state_dict()``'s ``_metadata``).
+Tensors are rebuilt by the functions here, which check every offset against the bytes the file
+really holds.
 
 Both of ``torch.save``'s formats are read: the zip archive (``<name>/data.pkl`` plus one file per
 storage under ``<name>/data/``, PyTorch 1.6 on) and the legacy stream (magic number, protocol,
@@ -135,12 +136,17 @@ ALLOWED: dict[tuple[str, str], Any] = {
 }
 
 
+#: The only types whose state (``BUILD``) a checkpoint may set, as plain attributes: a module's
+#: ``state_dict()`` is an OrderedDict carrying ``_metadata`` (its modules' versions) that way.
+_STATEFUL = (collections.OrderedDict, PlainDict, PlainNamespace)
+
+
 class RestrictedUnpickler(pickle._Unpickler):
     """An unpickler whose globals come only from :data:`ALLOWED` (see the module's docstring).
 
     It subclasses the pure-Python unpickler, whose opcode table can be narrowed: ``BUILD`` here
-    accepts only the plain attribute containers. ``storage(pid)`` resolves ``torch.save``'s
-    persistent ids; without it a persistent id is refused.
+    accepts only :data:`_STATEFUL` and sets plain attributes (no ``__setstate__`` is called).
+    ``storage(pid)`` resolves ``torch.save``'s persistent ids; without it a persistent id is refused.
     """
 
     dispatch: ClassVar[dict[int, Callable[..., Any]]] = dict(pickle._Unpickler.dispatch)
@@ -173,10 +179,9 @@ class RestrictedUnpickler(pickle._Unpickler):
     def load_build(self) -> None:
         state = self.stack.pop()
         inst = self.stack[-1]
-        if not isinstance(inst, (PlainDict, PlainNamespace)) or not isinstance(state, dict) or not all(
-                isinstance(k, str) for k in state):
+        if type(inst) not in _STATEFUL or not isinstance(state, dict) or not all(isinstance(k, str) for k in state):
             raise UnsafePickleError(f"{self.source}: refused to unpickle: it sets the state of a "
-                                    f"{type(inst).__name__}, which only the allow-listed containers may have")
+                                    f"{type(inst).__name__}, which only plain containers may have")
         inst.__dict__.update(state)
 
     dispatch[pickle.BUILD[0]] = load_build
