@@ -97,3 +97,20 @@ def test_ceilings_fit_each_device_further_than_the_oracle_recipe():
         assert ce(full[d].logits(hidden[mine]), data.label[mine]) < ce(short[d].logits(hidden[mine]), data.label[mine])
     bias = device_ceilings(static, data, _start(), seed=0, bias_only=True)
     assert all(torch.equal(b.weight, _start().weight) for b in bias.values())
+
+
+def test_bias_target_keeps_the_global_weight_and_pulls_the_bias():
+    data = _batch()
+    head_w = torch.randn(K, HIDDEN_DIM, generator=torch.Generator().manual_seed(3)) * 0.1
+    cfg = default_method_config("f_hyper", optimum_weight=1.0, optimum_target="bias")
+    on = build_method("f_hyper", K, cfg)
+    on.init_from_head(StaticHead(), head_w, torch.zeros(K))
+    on.prepare(data, None)
+    _, weight, bias, _ = on._optima
+    assert all(torch.equal(w, head_w) for w in weight)
+    assert float(bias.abs().max()) > 1e-3
+    # Θ_d at the head's W with each device's bias optimum costs nothing; any other W does.
+    at_opt = {"weight": head_w.expand(len(data), K, HIDDEN_DIM), "bias": bias[data.device]}
+    assert float(on.optimum_term(at_opt, data.device)) < 1e-10
+    moved = {"weight": at_opt["weight"] + 0.1, "bias": at_opt["bias"]}
+    assert float(on.optimum_term(moved, data.device)) > 0

@@ -92,6 +92,10 @@ CANDIDATES: tuple[Candidate, ...] = (
     Candidate("stablesynth+sim256+opt10+real50", "stablesynth", {"optimum_weight": 10.0}, simulated=256,
               real_share=0.5),
     Candidate("stablesynth+sim256+label_shift", "stablesynth", then="stablesynth_then_label_shift", simulated=256),
+    Candidate("stablesynth+sim256+biasopt1", "stablesynth", {"optimum_weight": 1.0, "optimum_target": "bias"},
+              simulated=256),
+    Candidate("stablesynth+sim256+biasopt1+real50", "stablesynth", {"optimum_weight": 1.0, "optimum_target": "bias"},
+              simulated=256, real_share=0.5),
 )
 #: Simulated devices that no candidate trains on: a validation set of cameras the cloud has not seen.
 SIMULATED_VALIDATION = (32, 20)

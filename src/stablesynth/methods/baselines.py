@@ -117,7 +117,8 @@ class HyperMethod(_DeviceHeadMixin):
         self._head = LastLayer(weight.detach().clone(), bias.detach().clone())
 
     def prepare(self, train: FeatureBatch, validation: FeatureBatch | None) -> None:
-        """With ``optimum_weight`` > 0: each training device's last-layer optimum (:meth:`optimum_term`'s target)."""
+        """With ``optimum_weight`` > 0: each training device's last-layer optimum, or its bias optimum with
+        ``optimum_target: bias`` (:meth:`optimum_term`'s target)."""
         super().prepare(train, validation)
         self._optima = None
         if self.cfg.optimum_weight <= 0:
@@ -125,7 +126,7 @@ class HyperMethod(_DeviceHeadMixin):
         head = getattr(self, "_head", None)
         if head is None:
             raise RuntimeError(f"{self.name}: optimum_weight needs init_from_head before prepare")
-        optima = device_ceilings(self.static, train, head, seed=0)
+        optima = device_ceilings(self.static, train, head, seed=0, bias_only=self.cfg.optimum_target == "bias")
         ids = torch.tensor(sorted(optima))
         weight = torch.stack([optima[int(d)].weight for d in ids])
         bias = torch.stack([optima[int(d)].bias for d in ids])

@@ -55,6 +55,10 @@ class MethodConfig(Config):
     #: the global head. The target is the same for every clip of a device, so the term rewards a Θ_d
     #: that follows the camera rather than the clip's content. 0: off (the paper's loss).
     optimum_weight: float = Field(0.0, ge=0)
+    #: What the optimum term pulls towards: each device's whole last layer (``last_layer``), or its
+    #: per-device bias with W kept at the global head's (``bias``): K numbers per device instead of
+    #: K × 97, the smaller thing to infer from one frame, and worth most of the headroom by itself.
+    optimum_target: Literal["last_layer", "bias"] = "last_layer"
     # optimisation (stage 2)
     #: What stage 2 trains in a hypernetwork method: ``adaptation`` (the projector, the generator's
     #: modulating layers and the templates; the static head and the base Θ keep their stage-1 values)
