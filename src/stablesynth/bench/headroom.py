@@ -323,7 +323,7 @@ def plot(summary: dict[str, Any], path: Path, shown: Sequence[str]) -> None:
     bx.set_title("Does the generated Θ_d follow the device?", fontsize=9)
     bx.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=120, bbox_inches="tight")
     plt.close(fig)
 
 
