@@ -106,6 +106,18 @@ def existing_file(flag: str) -> Callable[[str], Path]:
     return parse
 
 
+def existing_path(flag: str) -> Callable[[str], Path]:
+    """A file or a folder that exists (a checkpoint file, or a model folder)."""
+
+    def parse(text: str) -> Path:
+        p = Path(text)
+        if not p.exists():
+            raise argparse.ArgumentTypeError(f"{flag} {text}: no such file or folder")
+        return p
+
+    return parse
+
+
 def output_dir(flag: str) -> Callable[[str], Path]:
     """A folder to write into: absent (it is created) or a folder, not a file, under a folder."""
 

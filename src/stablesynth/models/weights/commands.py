@@ -11,24 +11,11 @@ from __future__ import annotations
 import argparse
 import json
 import tempfile
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from stablesynth.models.weights.layouts import SOURCE_KINDS
-from stablesynth_device.argtypes import int_at_least, output_dir, output_file
-
-
-def _existing(flag: str) -> Callable[[str], Path]:
-    """A checkpoint file or a model folder that exists."""
-
-    def parse(text: str) -> Path:
-        p = Path(text)
-        if not p.exists():
-            raise argparse.ArgumentTypeError(f"{flag} {text}: no such file or folder")
-        return p
-
-    return parse
+from stablesynth_device.argtypes import existing_path, int_at_least, output_dir, output_file
 
 
 def _safetensors_out(text: str) -> Path:
@@ -70,7 +57,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                      "atomically. Prints the encoder_overrides to use."))
     imp.add_argument("--from", dest="kind", choices=SOURCE_KINDS, required=True,
                      help="the source layout (hf: ViT or DeiT, read from config.json)")
-    imp.add_argument("src", metavar="SRC", type=_existing("SRC"), help="a checkpoint file or a Hugging Face folder")
+    imp.add_argument("src", metavar="SRC", type=existing_path("SRC"), help="a checkpoint file or a Hugging Face folder")
     imp.add_argument("--preset", required=True, help="the encoder preset (allinone-ti, allinone-cpu, allinone-test)")
     imp.add_argument("--set", dest="overrides", type=_override, action="append", default=[], metavar="KEY=VALUE",
                      help="an encoder_overrides entry of the run config the file is for (e.g. max_text_len=16)")
@@ -84,7 +71,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                      "recognises (share of keys), every tensor with its shape and where the layout sends it "
                      "(or why it is dropped), and what else the file carries. With --preset it also converts "
                      "in memory and reports the result or the first reason it does not fit."))
-    ins.add_argument("src", metavar="SRC", type=_existing("SRC"), help="a checkpoint file or a Hugging Face folder")
+    ins.add_argument("src", metavar="SRC", type=existing_path("SRC"), help="a checkpoint file or a Hugging Face folder")
     ins.add_argument("--from", dest="kind", choices=SOURCE_KINDS, default=None,
                      help="the layout to read it as (default: the best guess)")
     ins.add_argument("--preset", default=None, help="also convert for this encoder preset (nothing is written)")

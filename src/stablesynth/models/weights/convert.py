@@ -175,6 +175,19 @@ class Conversion:
         }
 
 
+@dataclasses.dataclass
+class _Built:
+    """What the layout's rows have made so far (:class:`Conversion`'s fields of the same names)."""
+
+    tensors: dict[str, torch.Tensor] = dataclasses.field(default_factory=dict)
+    origins: dict[str, list[str]] = dataclasses.field(default_factory=dict)
+    notes: dict[str, str] = dataclasses.field(default_factory=dict)
+    dropped: dict[str, str] = dataclasses.field(default_factory=dict)
+    left: dict[str, str] = dataclasses.field(default_factory=dict)
+    #: Canonical source keys that went into a target.
+    used: set[str] = dataclasses.field(default_factory=set)
+
+
 def _canonical(ckpt: SourceCheckpoint, layout: Layout) -> dict[str, str]:
     """Canonical key → the key as the file spells it; two spellings of one key are refused."""
     out: dict[str, str] = {}
@@ -240,12 +253,7 @@ def convert(ckpt: SourceCheckpoint, layout: Layout, spec: Any, preset: str = "")
             raise WeightLoadError(f"{src}: unexpected key {canon[c]!r}: not part of {layout.title} checkpoint "
                                   "(another model?)")
     shapes = target_shapes(spec)
-    tensors: dict[str, torch.Tensor] = {}
-    origins: dict[str, list[str]] = {}
-    notes: dict[str, str] = {}
-    dropped: dict[str, str] = {}
-    left: dict[str, str] = {}
-    used: set[str] = set()
+    built = _Built()
     for rule in layout.rules:
         if rule.op == "drop":
             continue
@@ -254,29 +262,27 @@ def convert(ckpt: SourceCheckpoint, layout: Layout, spec: Any, preset: str = "")
             seen = {i for m in matches.values() for r, i in m if r is rule and i is not None}
             indices = sorted(seen | set(range(spec.depth)))
         for i in indices:
-            _apply(rule, i, canon, ckpt, spec, shapes, what, src,
-                   tensors, origins, notes, dropped, left, used)
+            _apply(rule, i, canon, ckpt, spec, shapes, what, src, built)
     for c, m in matches.items():
-        if c not in used and canon[c] not in dropped:
+        if c not in built.used and canon[c] not in built.dropped:
             drop = next((r for r, _ in m if r.op == "drop"), None)
-            dropped[canon[c]] = drop.why if drop else "not used by this preset"
+            built.dropped[canon[c]] = drop.why if drop else "not used by this preset"
     for key, shape in shapes.items():
-        if key.startswith(VISION_PREFIXES) and key not in tensors:
+        if key.startswith(VISION_PREFIXES) and key not in built.tensors:
             raise WeightLoadError(f"{src}: {what} has {key!r} {list(shape)}, which {layout.title} checkpoint "
                                   "does not hold (a convolutional stem?)")
     overrides: dict[str, Any] = {} if math.isclose(eps, spec.layer_norm_eps, rel_tol=1e-9) else {
         "layer_norm_eps": eps}
-    if "text_embeddings.word_embeddings.weight" in tensors and getattr(spec, "pretrained_text", False):
+    if "text_embeddings.word_embeddings.weight" in built.tensors and getattr(spec, "pretrained_text", False):
         overrides["pretrained_text"] = False  # the file's word table replaces MiniLM's
-    return Conversion(layout.name, preset, ckpt, tensors, origins, notes, dropped, left, eps, spec.num_heads,
-                      overrides, assumptions)
+    return Conversion(layout.name, preset, ckpt, built.tensors, built.origins, built.notes, built.dropped,
+                      built.left, eps, spec.num_heads, overrides, assumptions)
 
 
 def _apply(rule: Rule, i: int | None, canon: Mapping[str, str], ckpt: SourceCheckpoint, spec: Any,
-           shapes: Mapping[str, tuple[int, ...]], what: str, src: str, tensors: dict[str, torch.Tensor],
-           origins: dict[str, list[str]], notes: dict[str, str], dropped: dict[str, str], left: dict[str, str],
-           used: set[str]) -> None:
-    """One row of the table for block ``i``: the target made, or the sources dropped with their reason."""
+           shapes: Mapping[str, tuple[int, ...]], what: str, src: str, built: _Built) -> None:
+    """One row of the table for block ``i``: the target made in ``built``, or the sources dropped with their reason."""
+    tensors, origins, notes, dropped, left = built.tensors, built.origins, built.notes, built.dropped, built.left
     names = [fill(s, i) for s in rule.sources]
     target = fill(rule.target, i)
     present = [n in canon for n in names]
@@ -313,7 +319,7 @@ def _apply(rule: Rule, i: int | None, canon: Mapping[str, str], ckpt: SourceChec
     origins[target] = ctx.names
     if note:
         notes[target] = note
-    used.update(names)
+    built.used.update(names)
 
 
 def write_conversion(conv: Conversion, out: str | Path) -> tuple[Path, Path]:
@@ -371,12 +377,12 @@ def load_into(model: nn.Module, path: str | Path) -> dict[str, list[str]]:
     """
     ckpt = read_checkpoint(path)
     cfg = model.cfg  # type: ignore[attr-defined]
+    own = model.state_dict()
     if ckpt.metadata.get("format") == FORMAT:
-        tensors, ignored = check_converted(ckpt, cfg, model.state_dict()), []
+        tensors, ignored = check_converted(ckpt, cfg, own), []
     else:
         conv = convert(ckpt, TIMM, cfg)
         tensors, ignored = conv.tensors, sorted(conv.dropped)
-    own = model.state_dict()
     with torch.no_grad():
         model.load_state_dict({k: v.to(own[k].dtype) for k, v in tensors.items()}, strict=False)
     return {"loaded": sorted(tensors), "ignored": ignored}

@@ -61,12 +61,10 @@ class SourceCheckpoint:
 
 def _read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     from safetensors import safe_open
-    from safetensors.torch import load_file
 
     try:
         with safe_open(str(path), framework="pt") as f:
-            metadata = dict(f.metadata() or {})
-        return load_file(str(path)), metadata
+            return {k: f.get_tensor(k) for k in f.keys()}, dict(f.metadata() or {})  # noqa: SIM118 (safe_open is not iterable)
     except Exception as exc:  # safetensors raises its own error types and OSError; all mean "unreadable"
         raise WeightLoadError(f"{path}: cannot read weights: not a complete safetensors file ({exc})") from None
 
